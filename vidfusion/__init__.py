@@ -1,0 +1,35 @@
+"""vidfusion: fast, lean text-to-video diffusion for the ModelScope text-to-video-ms-1.7b family."""
+
+from .loading import CheckpointError, CheckpointNotFoundError
+from .pipeline import TextToVideoOutput, TextToVideoPipeline
+from .schedulers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from .schedules import SAMPLER_NAMES
+from .video_io import export_to_video
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "SAMPLER_NAMES",
+    "TextToVideoOutput",
+    "TextToVideoPipeline",
+    "UniPCMultistepScheduler",
+    "export_to_video",
+]

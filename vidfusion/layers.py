@@ -1,0 +1,185 @@
+"""Blocks shared by the UNet3D and the VAE, on channels-last tensors.
+
+Every activation is stored as (..., H, W, C): the UNet keeps video as (B, F, H, W, C) and the VAE keeps
+frames as (N, H, W, C). Convolutions see a channels-last NCHW *view*, linear layers act on C directly,
+so spatial and temporal layers never shuffle memory between them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The fused SDPA kernels fail for batch >= 65536 on CUDA (pytorch/pytorch#142228); stay below it.
+SDPA_MAX_BATCH = 32768
+
+
+def conv_cl(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a Conv2d to a channels-last tensor (..., H, W, C) and return (..., H', W', C')."""
+    lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
+    y = conv(x.reshape(-1, h, w, c).permute(0, 3, 1, 2))  # (N, C', H', W') channels-last view
+    return y.permute(0, 2, 3, 1).reshape(*lead, *y.shape[-2:], y.shape[1])
+
+
+def group_norm_cl(norm: nn.GroupNorm, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """GroupNorm of a channels-last tensor; statistics per index of the first `batch_dims` dims."""
+    n = math.prod(x.shape[:batch_dims])
+    c = x.shape[-1]
+    y = F.group_norm(x.reshape(n, -1, 1, c).permute(0, 3, 1, 2), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 2, 3, 1).reshape(x.shape)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention. q (N, L, heads*d), k/v (N, S, heads*d) -> (N, L, heads*d)."""
+    n, length, inner = q.shape
+    d = inner // heads
+    q = q.view(n, length, heads, d).transpose(1, 2)
+    k = k.view(n, k.shape[1], heads, d).transpose(1, 2)
+    v = v.view(n, v.shape[1], heads, d).transpose(1, 2)
+    if n <= SDPA_MAX_BATCH:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(qc, kc, vc)
+                for qc, kc, vc in zip(q.split(SDPA_MAX_BATCH), k.split(SDPA_MAX_BATCH), v.split(SDPA_MAX_BATCH))
+            ]
+        )
+    return out.transpose(1, 2).reshape(n, length, inner)
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, bias: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x (N, L, C); context (N, S, Cc) or None for self-attention
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # net.0 = GEGLU, net.1 = dropout (no weights), net.2 = output projection: the checkpoint's key layout
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, then cross-attention to text (or a second self-attention), then a GEGLU MLP."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None):
+        super().__init__()
+        self.cross = context_dim is not None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x (N, L, D). With cross-attention, context is (B, S, Dc) where N = B * frames: all frames of one
+        # video attend to the same text, so they form one long query sequence (no per-frame copies of the text).
+        x = x + self.attn1(self.norm1(x))
+        h = self.norm2(x)
+        if self.cross:
+            n, length, dim = h.shape
+            h = self.attn2(h.reshape(context.shape[0], -1, dim), context).reshape(n, length, dim)
+        else:
+            h = self.attn2(h)
+        x = x + h
+        return x + self.ff(self.norm3(x))
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float,
+                 output_scale_factor: float = 1.0):
+        super().__init__()
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor | None = None) -> torch.Tensor:
+        # x (B, [F,] H, W, C); temb_act = silu(time embedding), (B, Ct): one per video, broadcast over frames
+        batch_dims = x.dim() - 3
+        h = conv_cl(self.conv1, F.silu(group_norm_cl(self.norm1, x, batch_dims)))
+        if self.time_emb_proj is not None:
+            t = self.time_emb_proj(temb_act)
+            h = h + t.view(t.shape[0], *([1] * (h.dim() - 2)), t.shape[-1])
+        h = conv_cl(self.conv2, F.silu(group_norm_cl(self.norm2, h, batch_dims)))
+        if self.conv_shortcut is not None:
+            x = conv_cl(self.conv_shortcut, x)
+        out = x + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:  # the VAE pads right/bottom only
+            x = F.pad(x, (0, 0, 0, 1, 0, 1))
+        return conv_cl(self.conv, x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
+        size = size or (2 * h, 2 * w)
+        y = F.interpolate(x.reshape(-1, h, w, c).permute(0, 3, 1, 2), size=size, mode="nearest")
+        y = y.permute(0, 2, 3, 1).reshape(*lead, *size, c)
+        return conv_cl(self.conv, y)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding, cos first (flip_sin_to_cos=True, shift 0). timesteps (B,) -> (B, dim) float32."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps[:, None].float() * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))

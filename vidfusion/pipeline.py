@@ -1,0 +1,330 @@
+"""TextToVideoPipeline: encode prompt -> make noise -> sample -> decode -> frames, as a straight line."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import loading
+from .noise import randn, video_noise_sampler
+from .offload import SequentialOffload, offload_device
+from .sampling import SAMPLERS
+from .schedulers import Scheduler, scheduler_from_checkpoint
+from .schedules import NoiseSchedule, resolve_sampler, sampler_options
+from .text_encoder import encode_text
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+@dataclass
+class TextToVideoOutput:
+    """`frames`: (B, F, H, W, 3) array for "np", (B, F, 3, H, W) tensor for "pt", lists of PIL images for
+    "pil", or the final latents (B, 4, F, H/8, W/8) for "latent"."""
+
+    frames: Any
+
+
+class TextToVideoPipeline:
+    """Text-to-video with the ModelScope text-to-video-ms-1.7b family (and Zeroscope v2)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler: Scheduler):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self._progress: dict[str, Any] = {}
+        self._offload: str | None = None
+        self._offload_device: torch.device | None = None
+        self._sequential: SequentialOffload | None = None
+
+    # ---- loading and placement ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        variant: str | None = None, revision: str | None = None,
+                        device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
+                        **unused: Any) -> TextToVideoPipeline:
+        """Load a checkpoint folder in the diffusers layout or a hub id. `torch_dtype` is diffusers' name
+        for `dtype`; other diffusers loading options are not supported and raise."""
+        if unused:
+            raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(sorted(unused))}")
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError("pass either dtype or torch_dtype, not both")
+        dtype = dtype or torch_dtype or torch.float32
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}")
+        folder = loading.resolve_checkpoint(name_or_path, variant, revision)
+        loading.read_model_index(folder)
+        sched_cfg = loading.load_scheduler_config(folder / "scheduler")
+        try:
+            scheduler = scheduler_from_checkpoint(sched_cfg, str(folder / "scheduler" / "scheduler_config.json"))
+        except ValueError as exc:
+            raise loading.CheckpointError(str(exc)) from None
+        pipe = cls(
+            unet=loading.load_unet(folder / "unet", dtype, variant),
+            vae=loading.load_vae(folder / "vae", dtype, variant),
+            text_encoder=loading.load_text_encoder(folder / "text_encoder", dtype, variant),
+            tokenizer=loading.load_tokenizer(folder / "tokenizer"),
+            scheduler=scheduler,
+        )
+        return pipe.to(device) if device is not None else pipe
+
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.unet, self.vae]
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TextToVideoPipeline:
+        """Move and/or cast every model (this turns CPU offload off); returns the pipeline."""
+        if isinstance(device, torch.dtype):  # pipe.to(torch.float16)
+            device, dtype = None, device
+        self._disable_offload()
+        for model in self._models():
+            model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """The device computations run on."""
+        if self._offload_device is not None:
+            return self._offload_device
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def _disable_offload(self) -> None:
+        if self._sequential is not None:
+            self._sequential.remove()
+            self._sequential = None
+        self._offload, self._offload_device = None, None
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        """Keep models on the CPU and move each whole model to the accelerator while it runs."""
+        target = offload_device(gpu_id, device)
+        self._disable_offload()
+        for model in self._models():
+            model.to("cpu")
+        self._offload, self._offload_device = "model", target
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None,
+                                      device: str | torch.device | None = None) -> None:
+        """Keep weights on the CPU and move each submodule to the accelerator only for its forward."""
+        target = offload_device(gpu_id, device)
+        self._disable_offload()
+        self._sequential = SequentialOffload(self._models(), target)
+        self._offload, self._offload_device = "sequential", target
+
+    def _activate(self, model: torch.nn.Module) -> None:
+        if self._offload == "model":
+            for other in self._models():
+                if other is not model:
+                    other.to("cpu")
+            model.to(self._offload_device)
+
+    def _release(self) -> None:
+        if self._offload == "model":
+            for model in self._models():
+                model.to("cpu")
+
+    def enable_vae_slicing(self) -> None:
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self._progress = dict(kwargs)
+
+    # ---- the pipeline ---------------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.scale_factor
+
+    def encode_prompt(self, prompts: list[str] | None, negative: list[str] | None, guidance: bool,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      clip_skip: int | None = None) -> torch.Tensor:
+        """Text states for the UNet: [uncond; cond] stacked (2B, 77, D) with guidance, else cond (B, 77, D)."""
+        device, dtype = self.device, self.text_encoder.dtype
+        self._activate(self.text_encoder)
+        if prompt_embeds is None:
+            prompt_embeds = encode_text(self.text_encoder, self.tokenizer, prompts, device, clip_skip)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        if not guidance:
+            return prompt_embeds
+        if negative_prompt_embeds is None:
+            batch = prompt_embeds.shape[0]
+            negative = negative if negative is not None else [""] * batch
+            negative_prompt_embeds = encode_text(self.text_encoder, self.tokenizer, negative, device)
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        return torch.cat([negative_prompt_embeds, prompt_embeds])
+
+    def _sampler(self, sampler: str | None) -> tuple[str, dict[str, Any]]:
+        if sampler is None:
+            return self.scheduler.sampler, self.scheduler.options
+        if not isinstance(sampler, str):
+            raise ValueError(f"sampler must be a name, got {type(sampler).__name__}")
+        base, preset = resolve_sampler(sampler)
+        return base, sampler_options(base, dict(self.scheduler.config), preset)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        num_frames: int = 16,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 9.0,
+        sampler: str | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        callback_steps: int = 1,
+        clip_skip: int | None = None,
+    ) -> TextToVideoOutput | tuple:
+        """Generate one video per prompt. See README for the meaning of each argument."""
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        prompts, negatives = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames,
+                                           height, width, num_inference_steps, guidance_scale, eta, output_type,
+                                           callback_steps)
+        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        guidance = guidance_scale > 1.0
+        base, options = self._sampler(sampler)
+        schedule = NoiseSchedule.create(options, num_inference_steps)
+        device = self.device
+
+        # 1. text, once per generation: (2B, 77, D) = [uncond; cond] with guidance
+        context = self.encode_prompt(prompts, negatives, guidance, prompt_embeds, negative_prompt_embeds, clip_skip)
+        noise_dtype = context.dtype
+
+        # 2. initial noise, drawn as diffusers draws it
+        shape = (batch, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} videos; pass one per video")
+        if latents is None:
+            latents = randn(shape, generator, device, noise_dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/8, width/8), "
+                             f"got {tuple(latents.shape)}")
+        x = latents.to(device=device, dtype=torch.float32)
+
+        # 3. sample
+        self._activate(self.unet)
+        unet_dtype = self.unet.dtype
+        context = context.to(unet_dtype)
+
+        def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            inp = torch.cat([x_in, x_in]) if guidance else x_in
+            out = self.unet(inp.to(unet_dtype), t.to(device), context).float()
+            if guidance:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            return out
+
+        progress = tqdm(total=num_inference_steps, **self._progress)
+
+        def on_step(step: int, t: torch.Tensor, x_now: torch.Tensor) -> None:
+            progress.update()
+            if callback is not None and step % callback_steps == 0:
+                callback(step, t, x_now)
+
+        extra = {"eta": eta} if "eta" in inspect.signature(SAMPLERS[base]).parameters else {}
+        noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)
+        try:
+            x = SAMPLERS[base](model_fn, x, schedule, noise_sampler=noise_sampler, callback=on_step, **extra)
+        finally:
+            progress.close()
+
+        # 4. decode -> frames
+        if output_type == "latent":
+            video = x
+        else:
+            video = _postprocess(self.decode_latents(x), output_type)
+        self._release()
+        return TextToVideoOutput(frames=video) if return_dict else (video,)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, F, h, w) -> video (B, F, 3, H, W) float32 in [-1, 1]."""
+        self._activate(self.vae)
+        b, c, f, h, w = latents.shape
+        z = (latents / self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        images = self.vae.decode(z.to(self.vae.dtype))
+        return images.view(b, f, *images.shape[1:]).float()
+
+
+def _as_list(value: str | list[str], name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, height, width,
+                  steps, guidance_scale, eta, output_type, callback_steps):
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("pass a prompt (or prompt_embeds)")
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("pass either prompt or prompt_embeds, not both")
+    prompts = _as_list(prompt, "prompt") if prompt is not None else None
+    negatives = None
+    if negative_prompt is not None:
+        if negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        negatives = _as_list(negative_prompt, "negative_prompt")
+        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        if len(negatives) == 1 and batch > 1 and isinstance(negative_prompt, str):
+            if prompts is not None:
+                raise ValueError("negative_prompt must be a list when prompt is a list (one per prompt)")
+        if len(negatives) != batch:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {batch} prompts")
+    for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
+                        ("num_inference_steps", steps), ("callback_steps", callback_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if height % 8 or width % 8:
+        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    if not isinstance(guidance_scale, (int, float)):
+        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if not isinstance(eta, (int, float)) or eta < 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    return prompts, negatives
+
+
+def _postprocess(video: torch.Tensor, output_type: str):
+    """video (B, F, 3, H, W) in [-1, 1] -> the requested output type, values in [0, 1]."""
+    video = (video / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return video
+    frames = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()  # (B, F, H, W, 3)
+    if output_type == "np":
+        return frames
+    from PIL import Image
+
+    return [[Image.fromarray(f) for f in (clip * 255).round().astype(np.uint8)] for clip in frames]

@@ -1,0 +1,450 @@
+"""Samplers as stateless functions with one signature (k-diffusion style):
+
+    sample_<name>(model_fn, x, schedule, *, noise_sampler=None, callback=None, **opts) -> x0
+
+`model_fn(x_in, t)` returns the raw network output (eps, v or x0 as the schedule's prediction_type says)
+for the model input `x_in` at timestep `t` (0-dim tensor). `x` is unit-variance initial noise, float32;
+each sampler applies its own initial scale. `noise_sampler()` draws fresh unit noise shaped like `x`
+(ancestral samplers). `callback(step, t, x)` runs after each of the `schedule.num_steps` steps.
+The numerics follow diffusers' schedulers step for step, so seeds carry over.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .schedules import NoiseSchedule, discrete_sigmas, init_noise_sigma, multistep_sigmas, spaced_timesteps
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+NoiseSampler = Callable[[], torch.Tensor] | None
+
+
+# ---- prediction conversions (kept apart from the solvers) ------------------------------------------------
+
+def vp_x0_eps(output: torch.Tensor, x: torch.Tensor, alpha_prod: torch.Tensor, kind: str):
+    """(x0, eps) from a network output in variance-preserving space at cumulative alpha `alpha_prod`."""
+    beta_prod = 1 - alpha_prod
+    if kind == "epsilon":
+        return (x - beta_prod**0.5 * output) / alpha_prod**0.5, output
+    if kind == "v_prediction":
+        return alpha_prod**0.5 * x - beta_prod**0.5 * output, alpha_prod**0.5 * output + beta_prod**0.5 * x
+    return output, (x - alpha_prod**0.5 * output) / beta_prod**0.5
+
+
+def sigma_x0(output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor:
+    """x0 from a network output for x in sigma (variance-exploding) space."""
+    if kind == "epsilon":
+        return x - sigma * output
+    if kind == "v_prediction":
+        return output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+    return output
+
+
+def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VP (alpha_t, sigma_t) for a VE sigma."""
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha_t, sigma * alpha_t
+
+
+def lambda_of(sigma: torch.Tensor) -> torch.Tensor:
+    alpha_t, sigma_t = alpha_sigma(sigma)
+    return torch.log(alpha_t) - torch.log(sigma_t)
+
+
+def _noise(noise_sampler: NoiseSampler, x: torch.Tensor) -> torch.Tensor:
+    return noise_sampler() if noise_sampler is not None else torch.randn_like(x)
+
+
+def _done(callback: Callback, step: int, t: torch.Tensor, x: torch.Tensor) -> None:
+    if callback is not None:
+        callback(step, t, x)
+
+
+# ---- DDIM / PNDM (alpha space, integer timesteps) ---------------------------------------------------------
+
+def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
+                callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
+    opts, n, ac = schedule.options, schedule.num_steps, schedule.alphas_cumprod
+    final = torch.tensor(1.0) if opts["set_alpha_to_one"] else ac[0]
+    stride = opts["num_train_timesteps"] // n
+    for i, t in enumerate(torch.from_numpy(spaced_timesteps(opts, n, integer=True))):
+        a_t = ac[t]
+        a_prev = ac[t - stride] if t - stride >= 0 else final
+        x0, eps = vp_x0_eps(model_fn(x, t), x, a_t, schedule.prediction_type)
+        if opts["clip_sample"]:
+            x0 = x0.clamp(-opts["clip_sample_range"], opts["clip_sample_range"])
+        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        if eta > 0:
+            x = x + std * _noise(noise_sampler, x)
+        _done(callback, i, t, x)
+    return x
+
+
+def _pndm_prev(x, t, t_prev, eps, ac, final, kind):
+    a_t = ac[t]
+    a_prev = ac[t_prev] if t_prev >= 0 else final
+    b_t, b_prev = 1 - a_t, 1 - a_prev
+    if kind == "v_prediction":
+        eps = a_t**0.5 * eps + b_t**0.5 * x
+    denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
+    return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
+
+
+def sample_pndm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
+                callback: Callback = None) -> torch.Tensor:
+    """Pseudo numerical methods: Runge-Kutta warm-up (unless skip_prk_steps), then linear multistep."""
+    opts, n, ac = schedule.options, schedule.num_steps, schedule.alphas_cumprod
+    if schedule.prediction_type == "sample":
+        raise ValueError("pndm sampler: prediction_type='sample' is not supported")
+    final = torch.tensor(1.0) if opts["set_alpha_to_one"] else ac[0]
+    stride = opts["num_train_timesteps"] // n
+    base = spaced_timesteps(opts, n, integer=True)[::-1].copy()  # ascending
+    kind = schedule.prediction_type
+
+    def prev(sample, t, t_prev, eps):
+        return _pndm_prev(sample, t, t_prev, eps, ac, final, kind)
+
+    ets: list[torch.Tensor] = []
+    step = -1
+    if opts["skip_prk_steps"]:
+        timesteps = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].copy()
+        first_x = None
+        for i, t in enumerate(timesteps.tolist()):
+            eps = model_fn(x, torch.tensor(t))
+            if i == 0:
+                ets.append(eps)
+                first_x = x
+                x = prev(x, t, t - stride, eps)
+            elif i == 1:  # second evaluation at the same point: average it with the first, restart from x_0
+                x = prev(first_x, t + stride, t, (eps + ets[-1]) / 2)
+            else:
+                ets = ets[-3:] + [eps]
+                x = prev(x, t, t - stride, _plms_combination(ets))
+            if i >= 1:
+                step += 1
+                _done(callback, step, torch.tensor(t), x)
+        return x
+
+    half = stride // 2
+    prk = np.array(base[-4:]).repeat(2) + np.tile(np.array([0, half]), 4)
+    prk = prk[:-1].repeat(2)[1:-1][::-1].copy()
+    plms = base[:-3][::-1].copy()
+    acc: torch.Tensor | int = 0
+    cur_x = x
+    for counter, t in enumerate(prk.tolist()):
+        eps = model_fn(x, torch.tensor(t))
+        t_prev = t - (0 if counter % 2 else half)
+        t_ref = int(prk[counter // 4 * 4])
+        phase = counter % 4
+        if phase == 0:
+            acc = acc + 1 / 6 * eps
+            ets.append(eps)
+            cur_x = x
+        elif phase in (1, 2):
+            acc = acc + 1 / 3 * eps
+        else:
+            eps = acc + 1 / 6 * eps
+            acc = 0
+        x = prev(cur_x, t_ref, t_prev, eps)
+        if phase == 3:
+            step += 1
+            _done(callback, step, torch.tensor(t), x)
+    for t in plms.tolist():
+        eps = model_fn(x, torch.tensor(t))
+        ets = ets[-3:] + [eps]
+        x = prev(x, t, t - stride, _plms_combination(ets))
+        step += 1
+        _done(callback, step, torch.tensor(t), x)
+    return x
+
+
+def _plms_combination(ets: list[torch.Tensor]) -> torch.Tensor:
+    if len(ets) == 1:
+        return ets[-1]
+    if len(ets) == 2:
+        return (3 * ets[-1] - ets[-2]) / 2
+    if len(ets) == 3:
+        return (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+    return (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
+
+
+# ---- Euler family (sigma space, fractional timesteps) -----------------------------------------------------
+
+def _scaled(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return x / ((sigma**2 + 1) ** 0.5)
+
+
+def sample_euler(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
+                 callback: Callback = None) -> torch.Tensor:
+    timesteps, sigmas = discrete_sigmas(schedule, config_limits=True)
+    x = x * init_noise_sigma(sigmas, schedule.options)
+    for i, t in enumerate(timesteps):
+        sigma = sigmas[i]
+        x0 = sigma_x0(model_fn(_scaled(x, sigma), t), x, sigma, schedule.prediction_type)
+        x = x + (x - x0) / sigma * (sigmas[i + 1] - sigma)
+        _done(callback, i, t, x)
+    return x
+
+
+def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
+                           noise_sampler: NoiseSampler = None, callback: Callback = None) -> torch.Tensor:
+    timesteps, sigmas = discrete_sigmas(schedule, config_limits=False)
+    x = x * init_noise_sigma(sigmas, schedule.options)
+    for i, t in enumerate(timesteps):
+        s_from, s_to = sigmas[i], sigmas[i + 1]
+        x0 = sigma_x0(model_fn(_scaled(x, s_from), t), x, s_from, schedule.prediction_type)
+        s_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
+        s_down = (s_to**2 - s_up**2) ** 0.5
+        x = x + (x - x0) / s_from * (s_down - s_from)
+        x = x + _noise(noise_sampler, x) * s_up
+        _done(callback, i, t, x)
+    return x
+
+
+def sample_heun(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
+                callback: Callback = None) -> torch.Tensor:
+    opts, kind = schedule.options, schedule.prediction_type
+    timesteps, sigmas = discrete_sigmas(schedule, config_limits=False)
+    x = x * init_noise_sigma(sigmas, opts)
+
+    def derivative(x_at, sigma, t):
+        x0 = sigma_x0(model_fn(_scaled(x_at, sigma), t), x_at, sigma, kind)
+        if opts["clip_sample"]:
+            x0 = x0.clamp(-opts["clip_sample_range"], opts["clip_sample_range"])
+        return (x_at - x0) / sigma
+
+    n = len(timesteps)
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        d = derivative(x, sigma, timesteps[i])
+        dt = sigma_next - sigma
+        if i < n - 1:  # second evaluation at the end point, then average the slopes
+            d = (d + derivative(x + d * dt, sigma_next, timesteps[i + 1])) / 2
+        x = x + d * dt
+        _done(callback, i, timesteps[i], x)
+    return x
+
+
+def _lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
+    """Integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial j (exact Gauss-Legendre)."""
+    nodes, weights = np.polynomial.legendre.leggauss(4)
+    a, b = sigmas[i], sigmas[i + 1]
+    tau = (b - a) / 2 * nodes + (a + b) / 2
+    prod = np.ones_like(tau)
+    for k in range(order):
+        if k != j:
+            prod *= (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
+    return float((b - a) / 2 * np.sum(weights * prod))
+
+
+def sample_lms(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
+               callback: Callback = None, order: int = 4) -> torch.Tensor:
+    timesteps, sigmas = discrete_sigmas(schedule, config_limits=False)
+    x = x * init_noise_sigma(sigmas, schedule.options)
+    sig = sigmas.double().numpy()
+    derivatives: list[torch.Tensor] = []
+    for i, t in enumerate(timesteps):
+        sigma = sigmas[i]
+        x0 = sigma_x0(model_fn(_scaled(x, sigma), t), x, sigma, schedule.prediction_type)
+        derivatives = (derivatives + [(x - x0) / sigma])[-order:]
+        cur = min(i + 1, order)
+        coeffs = [_lms_coefficient(sig, cur, i, j) for j in range(cur)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(derivatives)))
+        _done(callback, i, t, x)
+    return x
+
+
+# ---- multistep solvers in log-SNR time (VP space, integer timesteps) --------------------------------------
+
+def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
+                    noise_sampler: NoiseSampler = None, callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver(++) multistep, orders 1-3, ODE or SDE variants (diffusers' DPMSolverMultistepScheduler)."""
+    opts, kind = schedule.options, schedule.prediction_type
+    algo, order = opts["algorithm_type"], opts["solver_order"]
+    if algo in ("dpmsolver", "sde-dpmsolver") and opts["final_sigmas_type"] == "zero":
+        raise ValueError(f"dpmpp-2m sampler: algorithm_type={algo!r} needs final_sigmas_type='sigma_min'")
+    if algo == "sde-dpmsolver" and order == 3:
+        raise ValueError("dpmpp-2m sampler: algorithm_type='sde-dpmsolver' supports solver_order 1 or 2")
+    data_pred = algo in ("dpmsolver++", "sde-dpmsolver++")
+    timesteps, sigmas = multistep_sigmas(schedule)
+    n = len(timesteps)
+    outputs: list[torch.Tensor] = []
+    lower_nums = 0
+    for i, t in enumerate(timesteps):
+        out = model_fn(x, t)
+        alpha_s, sigma_s = alpha_sigma(sigmas[i])
+        if data_pred:
+            m = (x - sigma_s * out) / alpha_s if kind == "epsilon" else (
+                alpha_s * x - sigma_s * out if kind == "v_prediction" else out)
+        else:
+            m = out if kind == "epsilon" else (
+                alpha_s * out + sigma_s * x if kind == "v_prediction" else (x - alpha_s * out) / sigma_s)
+        outputs = (outputs + [m])[-order:]
+        final = i == n - 1 and (opts["euler_at_final"] or (opts["lower_order_final"] and n < 15)
+                                or opts["final_sigmas_type"] == "zero")
+        second_last = i == n - 2 and opts["lower_order_final"] and n < 15
+        noise = _noise(noise_sampler, x).float() if algo.startswith("sde") else None
+        if order == 1 or lower_nums < 1 or final:
+            use = 1
+        elif order == 2 or lower_nums < 2 or second_last:
+            use = 2
+        else:
+            use = 3
+        x = _dpm_update(x, outputs, sigmas, i, use, algo, opts["solver_type"], noise)
+        lower_nums = min(lower_nums + 1, order)
+        _done(callback, i, t, x)
+    return x
+
+
+def _dpm_update(x, outputs, sigmas, i, use, algo, solver_type, noise):
+    alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
+    alpha_s0, sigma_s0 = alpha_sigma(sigmas[i])
+    lam_t, lam_s0 = lambda_of(sigmas[i + 1]), lambda_of(sigmas[i])
+    h = lam_t - lam_s0
+    m0 = outputs[-1]
+    plus = algo in ("dpmsolver++", "sde-dpmsolver++")
+    sde = algo.startswith("sde")
+    if use == 1:
+        if algo == "dpmsolver++":
+            return (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * m0
+        if algo == "dpmsolver":
+            return (alpha_t / alpha_s0) * x - (sigma_t * (torch.exp(h) - 1.0)) * m0
+        if algo == "sde-dpmsolver++":
+            return ((sigma_t / sigma_s0 * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * m0
+                    + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
+        return ((alpha_t / alpha_s0) * x - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * m0
+                + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
+    lam_s1 = lambda_of(sigmas[i - 1])
+    m1 = outputs[-2]
+    h_0 = lam_s0 - lam_s1
+    r0 = h_0 / h
+    if use == 2:
+        d0, d1 = m0, (1.0 / r0) * (m0 - m1)
+        if plus and not sde:
+            base = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d0
+            if solver_type == "midpoint":
+                return base - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+            return base + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
+        if not plus and not sde:
+            base = (alpha_t / alpha_s0) * x - (sigma_t * (torch.exp(h) - 1.0)) * d0
+            if solver_type == "midpoint":
+                return base - 0.5 * (sigma_t * (torch.exp(h) - 1.0)) * d1
+            return base - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
+        if plus:
+            base = (sigma_t / sigma_s0 * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * d0
+            if solver_type == "midpoint":
+                base = base + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * d1
+            else:
+                base = base + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
+            return base + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+        base = (alpha_t / alpha_s0) * x - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * d0
+        if solver_type == "midpoint":
+            base = base - (sigma_t * (torch.exp(h) - 1.0)) * d1
+        else:
+            base = base - 2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
+        return base + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
+    m2 = outputs[-3]
+    h_1 = lam_s1 - lambda_of(sigmas[i - 2])
+    r1 = h_1 / h
+    d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+    if algo == "dpmsolver++":
+        return ((sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * m0
+                + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
+                - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * d2)
+    if algo == "dpmsolver":
+        return ((alpha_t / alpha_s0) * x - (sigma_t * (torch.exp(h) - 1.0)) * m0
+                - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
+                - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * d2)
+    return ((sigma_t / sigma_s0 * torch.exp(-h)) * x + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * m0
+            + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
+            + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
+            + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
+
+
+def sample_unipc(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
+                 callback: Callback = None) -> torch.Tensor:
+    """UniPC multistep predictor-corrector (diffusers' UniPCMultistepScheduler, bh1/bh2)."""
+    opts, kind = schedule.options, schedule.prediction_type
+    order, predict_x0 = opts["solver_order"], opts["predict_x0"]
+    timesteps, sigmas = multistep_sigmas(schedule)
+    n = len(timesteps)
+    outputs: list[torch.Tensor] = []
+    lower_nums, this_order, last_x = 0, 1, None
+    for i, t in enumerate(timesteps):
+        out = model_fn(x, t)
+        alpha_s, sigma_s = alpha_sigma(sigmas[i])
+        if predict_x0:
+            m = (x - sigma_s * out) / alpha_s if kind == "epsilon" else (
+                alpha_s * x - sigma_s * out if kind == "v_prediction" else out)
+        else:
+            m = out if kind == "epsilon" else (
+                alpha_s * out + sigma_s * x if kind == "v_prediction" else (x - alpha_s * out) / sigma_s)
+        if i > 0 and (i - 1) not in opts["disable_corrector"] and last_x is not None:
+            x = _unipc_update(last_x, outputs, sigmas, i - 1, this_order, opts, corrector=m)
+        outputs = (outputs + [m])[-order:]
+        this_order = min(order, n - i) if opts["lower_order_final"] else order
+        this_order = min(this_order, lower_nums + 1)
+        last_x = x
+        x = _unipc_update(x, outputs, sigmas, i, this_order, opts)
+        lower_nums = min(lower_nums + 1, order)
+        _done(callback, i, t, x)
+    return x
+
+
+def _unipc_update(x, outputs, sigmas, i, order, opts, corrector=None):
+    """Predictor (corrector=None) from step i to i+1, or corrector of that step given the new output."""
+    alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
+    _, sigma_s0 = alpha_sigma(sigmas[i])
+    alpha_s0 = alpha_sigma(sigmas[i])[0]
+    lam_s0 = lambda_of(sigmas[i])
+    h = lambda_of(sigmas[i + 1]) - lam_s0
+    m0 = outputs[-1]
+    rks, d1s = [], []
+    for k in range(1, order):
+        rk = (lambda_of(sigmas[i - k]) - lam_s0) / h
+        rks.append(rk)
+        d1s.append((outputs[-(k + 1)] - m0) / rk)
+    rks.append(torch.ones(()))
+    rks_t = torch.stack(rks)
+    hh = -h if opts["predict_x0"] else h
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if opts["solver_type"] == "bh1" else torch.expm1(hh)
+    factorial, rows, b = 1, [], []
+    for k in range(1, order + 1):
+        rows.append(torch.pow(rks_t, k - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    r_mat, b_vec = torch.stack(rows), torch.stack(b)
+    if opts["predict_x0"]:
+        base, scale = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0, alpha_t
+    else:
+        base, scale = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0, sigma_t
+    if corrector is None:
+        if not d1s:
+            return base
+        rhos = torch.ones(1) * 0.5 if order == 2 else torch.linalg.solve(r_mat[:-1, :-1], b_vec[:-1])
+        return base - scale * b_h * sum(r * d for r, d in zip(rhos, d1s))
+    rhos = torch.ones(1) * 0.5 if order == 1 else torch.linalg.solve(r_mat, b_vec)
+    res = sum(r * d for r, d in zip(rhos[:-1], d1s)) if d1s else 0
+    return base - scale * b_h * (res + rhos[-1] * (corrector - m0))
+
+
+SAMPLERS = {
+    "ddim": sample_ddim,
+    "pndm": sample_pndm,
+    "euler": sample_euler,
+    "euler-ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "lms": sample_lms,
+    "dpmpp-2m": sample_dpmpp_2m,
+    "unipc": sample_unipc,
+}

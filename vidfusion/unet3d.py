@@ -1,0 +1,222 @@
+"""The ModelScope / VideoFusion UNet3D (diffusers' UNet3DConditionModel weights), channels-last video."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UNetConfig
+from .layers import (
+    Downsample,
+    ResnetBlock,
+    TimestepEmbedding,
+    TransformerBlock,
+    Upsample,
+    conv_cl,
+    group_norm_cl,
+    timestep_embedding,
+)
+
+
+class TemporalConvLayer(nn.Module):
+    """Four (GroupNorm, SiLU, Conv3d (3,1,1)) stages over frames, with a residual."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+
+        def stage(dropout: bool) -> nn.Sequential:
+            layers = [nn.GroupNorm(groups, channels), nn.SiLU()]
+            layers += [nn.Dropout(0.1)] if dropout else []
+            return nn.Sequential(*layers, nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+
+        self.conv1 = stage(False)
+        self.conv2 = stage(True)
+        self.conv3 = stage(True)
+        self.conv4 = stage(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, F, H, W, C). A (3,1,1) conv is a (3,1) conv2d over the (F, H*W) plane of a channels-last view.
+        b, f, h, w, c = x.shape
+        y = x
+        for seq in (self.conv1, self.conv2, self.conv3, self.conv4):
+            norm, conv = seq[0], seq[-1]
+            y = F.silu(group_norm_cl(norm, y, batch_dims=1))  # statistics over (F, H, W) per video
+            y = F.conv2d(y.view(b, f, h * w, c).permute(0, 3, 1, 2), conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
+            y = y.permute(0, 2, 3, 1).reshape(b, f, h, w, c)
+        return x + y
+
+
+class TransformerTemporal(nn.Module):
+    """Self-attention across frames at every pixel (two self-attentions + MLP), with a residual."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, groups: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, None)])
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, f, h, w, c = x.shape
+        y = group_norm_cl(self.norm, x, batch_dims=1)
+        y = self.proj_in(y.permute(0, 2, 3, 1, 4).reshape(b * h * w, f, c))  # (B*H*W, F, inner)
+        for block in self.transformer_blocks:
+            y = block(y)
+        y = self.proj_out(y).view(b, h, w, f, c).permute(0, 3, 1, 2, 4)
+        return x + y
+
+
+class Transformer2D(nn.Module):
+    """Per-frame spatial self-attention and cross-attention to the text, with a residual."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, groups: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, context_dim)])
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, f, h, w, c = x.shape
+        y = self.proj_in(group_norm_cl(self.norm, x, batch_dims=2).reshape(b * f, h * w, c))
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + self.proj_out(y).view(b, f, h, w, c)
+
+
+class Block3D(nn.Module):
+    """A down or up block: (resnet, temporal conv[, spatial attention, temporal attention]) × layers."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, layers: int, cfg: UNetConfig,
+                 head_dim: int | None, skip_channels: tuple[int, ...] = (), prev_channels: int | None = None):
+        super().__init__()
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        resnets, temp_convs, attentions, temp_attentions = [], [], [], []
+        for i in range(layers):
+            if skip_channels:  # up block: input is the previous output concatenated with a skip connection
+                res_in = (prev_channels if i == 0 else out_channels) + skip_channels[i]
+            else:
+                res_in = in_channels if i == 0 else out_channels
+            resnets.append(ResnetBlock(res_in, out_channels, temb_channels, groups, eps))
+            temp_convs.append(TemporalConvLayer(out_channels, groups))
+            if head_dim is not None:
+                heads = out_channels // head_dim
+                attentions.append(Transformer2D(out_channels, heads, head_dim, cfg.cross_attention_dim, groups))
+                temp_attentions.append(TransformerTemporal(out_channels, heads, head_dim, groups))
+        self.resnets = nn.ModuleList(resnets)
+        self.temp_convs = nn.ModuleList(temp_convs)
+        if head_dim is not None:
+            self.attentions = nn.ModuleList(attentions)
+            self.temp_attentions = nn.ModuleList(temp_attentions)
+        self.has_attention = head_dim is not None
+
+    def layer(self, i: int, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.temp_convs[i](self.resnets[i](x, temb_act))
+        if self.has_attention:
+            x = self.temp_attentions[i](self.attentions[i](x, context))
+        return x
+
+
+class UNet3D(nn.Module):
+    """UNet3DConditionModel. Module attribute names equal the checkpoint's keys."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        ch = cfg.block_out_channels
+        head_dims = cfg.head_dims
+        temb = ch[0] * 4
+        groups = cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        # transformer_in has 8 heads of width attention_head_dim (a quirk of the published model)
+        self.transformer_in = TransformerTemporal(ch[0], 8, head_dims[0], groups)
+
+        self.down_blocks = nn.ModuleList()
+        out = ch[0]
+        for i, kind in enumerate(cfg.down_block_types):
+            inp, out = out, ch[i]
+            block = Block3D(inp, out, temb, cfg.layers_per_block, cfg, head_dims[i] if "CrossAttn" in kind else None)
+            if i < len(ch) - 1:
+                block.downsamplers = nn.ModuleList([Downsample(out, cfg.downsample_padding)])
+            self.down_blocks.append(block)
+
+        self.mid_block = MidBlock3D(ch[-1], temb, cfg, head_dims[-1])
+
+        # Skip connections are consumed in reverse order of production.
+        skips = [ch[0]]
+        for i in range(len(ch)):
+            skips += [ch[i]] * cfg.layers_per_block + ([ch[i]] if i < len(ch) - 1 else [])
+        self.up_blocks = nn.ModuleList()
+        rev_ch, rev_head_dims = ch[::-1], head_dims[::-1]
+        prev = rev_ch[0]
+        for i, kind in enumerate(cfg.up_block_types):
+            n = cfg.layers_per_block + 1
+            block_skips = tuple(skips[-1 - j] for j in range(n))
+            skips = skips[:-n]
+            block = Block3D(0, rev_ch[i], temb, n, cfg, rev_head_dims[i] if "CrossAttn" in kind else None,
+                            skip_channels=block_skips, prev_channels=prev)
+            if i < len(ch) - 1:
+                block.upsamplers = nn.ModuleList([Upsample(rev_ch[i])])
+            self.up_blocks.append(block)
+            prev = rev_ch[i]
+
+        self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """sample (B, C, F, H, W), timestep scalar or (B,), encoder_hidden_states (B, S, D) -> (B, C, F, H, W)."""
+        b = sample.shape[0]
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        timesteps = timesteps.reshape(-1).expand(b)
+        temb = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(self.dtype))
+        temb_act = F.silu(temb)  # (B, Ct): one per video, shared by every resnet
+        context = encoder_hidden_states
+
+        x = sample.permute(0, 2, 3, 4, 1).contiguous()  # (B, F, H, W, C)
+        x = self.transformer_in(conv_cl(self.conv_in, x))
+        skips = [x]
+        for block in self.down_blocks:
+            for i in range(len(block.resnets)):
+                x = block.layer(i, x, temb_act, context)
+                skips.append(x)
+            if hasattr(block, "downsamplers"):
+                x = block.downsamplers[0](x)
+                skips.append(x)
+
+        x = self.mid_block(x, temb_act, context)
+
+        for block in self.up_blocks:
+            for i in range(len(block.resnets)):
+                x = torch.cat([x, skips.pop()], dim=-1)
+                x = block.layer(i, x, temb_act, context)
+            if hasattr(block, "upsamplers"):
+                x = block.upsamplers[0](x, size=skips[-1].shape[2:4])
+
+        x = conv_cl(self.conv_out, F.silu(group_norm_cl(self.conv_norm_out, x, batch_dims=2)))
+        return x.permute(0, 4, 1, 2, 3)  # (B, C, F, H, W)
+
+
+class MidBlock3D(nn.Module):
+    def __init__(self, channels: int, temb: int, cfg: UNetConfig, head_dim: int):
+        super().__init__()
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        scale = cfg.mid_block_scale_factor
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, temb, groups, eps, scale) for _ in range(2)])
+        self.temp_convs = nn.ModuleList([TemporalConvLayer(channels, groups) for _ in range(2)])
+        heads = channels // head_dim
+        self.attentions = nn.ModuleList([Transformer2D(channels, heads, head_dim, cfg.cross_attention_dim, groups)])
+        self.temp_attentions = nn.ModuleList([TransformerTemporal(channels, heads, head_dim, groups)])
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.temp_convs[0](self.resnets[0](x, temb_act))
+        x = self.temp_attentions[0](self.attentions[0](x, context))
+        return self.temp_convs[1](self.resnets[1](x, temb_act))

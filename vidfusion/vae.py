@@ -1,0 +1,202 @@
+"""AutoencoderKL (encoder and decoder) on channels-last frames, with frame-chunked and tiled decoding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+from .layers import Downsample, ResnetBlock, Upsample, attention, conv_cl, group_norm_cl
+
+EPS = 1e-6
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all pixels of a frame (mid block), with its own GroupNorm."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        y = group_norm_cl(self.group_norm, x, batch_dims=1).reshape(n, h * w, c)
+        y = attention(self.to_q(y), self.to_k(y), self.to_v(y), heads=1)
+        return x + self.to_out[0](y).view(n, h, w, c)
+
+
+class MidBlock2D(nn.Module):
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, None, groups, EPS) for _ in range(2)])
+        if add_attention:
+            self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
+        self.add_attention = add_attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.add_attention:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, groups = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        out = ch[0]
+        for i in range(len(ch)):
+            inp, out = out, ch[i]
+            block = nn.Module()
+            block.resnets = nn.ModuleList(
+                [ResnetBlock(inp if j == 0 else out, out, None, groups, EPS) for j in range(cfg.layers_per_block)]
+            )
+            if i < len(ch) - 1:
+                block.downsamplers = nn.ModuleList([Downsample(out, padding=0)])
+            self.down_blocks.append(block)
+        self.mid_block = MidBlock2D(ch[-1], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = conv_cl(self.conv_in, x)  # (N, H, W, C)
+        for block in self.down_blocks:
+            for resnet in block.resnets:
+                x = resnet(x)
+            if hasattr(block, "downsamplers"):
+                x = block.downsamplers[0](x)
+        x = self.mid_block(x)
+        return conv_cl(self.conv_out, F.silu(group_norm_cl(self.conv_norm_out, x, batch_dims=1)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, groups = cfg.block_out_channels[::-1], cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock2D(ch[0], groups, cfg.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList()
+        out = ch[0]
+        for i in range(len(ch)):
+            inp, out = out, ch[i]
+            block = nn.Module()
+            block.resnets = nn.ModuleList(
+                [ResnetBlock(inp if j == 0 else out, out, None, groups, EPS) for j in range(cfg.layers_per_block + 1)]
+            )
+            if i < len(ch) - 1:
+                block.upsamplers = nn.ModuleList([Upsample(out)])
+            self.up_blocks.append(block)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(conv_cl(self.conv_in, z))  # (N, h, w, C)
+        for block in self.up_blocks:
+            for resnet in block.resnets:
+                x = resnet(x)
+            if hasattr(block, "upsamplers"):
+                x = block.upsamplers[0](x)
+        return conv_cl(self.conv_out, F.silu(group_norm_cl(self.conv_norm_out, x, batch_dims=1)))
+
+
+class AutoencoderKL(nn.Module):
+    """The VAE. `decode`/`encode` take and return NCHW tensors, processing `frame_chunk` frames at a time."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if cfg.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.frame_chunk = 8  # frames decoded at once: bounds decoder activation memory
+        self.use_slicing = False
+        self.use_tiling = False
+        self.tile_latent_size = max(cfg.sample_size // cfg.scale_factor, 8)
+        self.tile_overlap = 0.25
+
+    def enable_slicing(self) -> None:
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_tiling(self) -> None:
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
+        # z (N, h, w, C) channels-last latents -> (N, H, W, 3)
+        if self.config.use_post_quant_conv:
+            z = conv_cl(self.post_quant_conv, z)
+        return self.decoder(z)
+
+    def _decode_tiled(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode overlapping latent tiles and blend the overlaps linearly, so no seams show."""
+        n, h, w, _ = z.shape
+        f = self.config.scale_factor
+        tile = self.tile_latent_size
+        stride = max(int(tile * (1 - self.tile_overlap)), 1)
+        out = torch.zeros(n, h * f, w * f, self.config.out_channels, dtype=torch.float32, device=z.device)
+        weight = torch.zeros(1, h * f, w * f, 1, dtype=torch.float32, device=z.device)
+        ys = list(range(0, max(h - tile, 0) + 1, stride))
+        xs = list(range(0, max(w - tile, 0) + 1, stride))
+        if ys[-1] + tile < h:
+            ys.append(h - tile)
+        if xs[-1] + tile < w:
+            xs.append(w - tile)
+        for y0 in ys:
+            for x0 in xs:
+                part = self._decode_frames(z[:, y0:y0 + tile, x0:x0 + tile]).float()
+                th, tw = part.shape[1:3]
+                ramp_y = _ramp(th, (tile - stride) * f if y0 > 0 else 0, (tile - stride) * f if y0 + tile < h else 0)
+                ramp_x = _ramp(tw, (tile - stride) * f if x0 > 0 else 0, (tile - stride) * f if x0 + tile < w else 0)
+                mask = (ramp_y[:, None] * ramp_x[None, :]).to(z.device)[None, :, :, None]
+                out[:, y0 * f:y0 * f + th, x0 * f:x0 * f + tw] += part * mask
+                weight[:, y0 * f:y0 * f + th, x0 * f:x0 * f + tw] += mask
+        return (out / weight).to(z.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (N, C, h, w), already divided by scaling_factor -> images (N, 3, H, W) in [-1, 1]."""
+        z = latents.permute(0, 2, 3, 1)
+        chunk = 1 if self.use_slicing else self.frame_chunk
+        tiled = self.use_tiling and max(z.shape[1], z.shape[2]) > self.tile_latent_size
+        frames = [self._decode_tiled(c) if tiled else self._decode_frames(c) for c in z.split(chunk)]
+        return torch.cat(frames).permute(0, 3, 1, 2)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, 3, H, W) in [-1, 1] -> (mean, logvar) of the latent distribution, each (N, C, h, w)."""
+        chunk = 1 if self.use_slicing else self.frame_chunk
+        moments = []
+        for part in images.permute(0, 2, 3, 1).split(chunk):
+            m = self.encoder(part)
+            if self.config.use_quant_conv:
+                m = conv_cl(self.quant_conv, m)
+            moments.append(m)
+        mean, logvar = torch.cat(moments).permute(0, 3, 1, 2).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+
+def _ramp(length: int, fade_in: int, fade_out: int) -> torch.Tensor:
+    """1-D blending weights: linear fade over the overlapping borders, 1 elsewhere (never exactly 0)."""
+    w = torch.ones(length)
+    if fade_in:
+        w[:fade_in] = torch.linspace(1.0 / (fade_in + 1), 1.0, fade_in + 1)[:-1]
+    if fade_out:
+        w[-fade_out:] = torch.linspace(1.0, 1.0 / (fade_out + 1), fade_out + 1)[1:]
+    return w

@@ -44,7 +44,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             if p.dim() == 1 and "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.2 / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.05))
+                scale = 0.2 / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.05
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def make_reference_pipeline(folder: Path, scheduler_config: dict | None = None):

@@ -96,7 +96,8 @@ class UNetConfig:
         for channels, heads in zip(self.block_out_channels, self.head_dims):
             if channels % heads or channels % self.norm_num_groups:
                 raise ConfigError(
-                    f"{where}: block width {channels} is not divisible by attention_head_dim {heads} / groups {self.norm_num_groups}"
+                    f"{where}: block width {channels} is not divisible by attention_head_dim {heads} "
+                    f"/ norm_num_groups {self.norm_num_groups}"
                 )
 
 

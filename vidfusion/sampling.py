@@ -11,7 +11,7 @@ The numerics follow diffusers' schedulers step for step, so seeds carry over.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

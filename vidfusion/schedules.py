@@ -117,7 +117,8 @@ def sampler_options(sampler: str, scheduler_config: dict[str, Any], overrides: d
     for key, allowed in _ALLOWED.items():
         if key in opts and opts[key] not in allowed:
             raise ValueError(
-                f"{sampler} sampler: {key}={opts[key]!r} is not supported; supported values: {', '.join(map(repr, allowed))}"
+                f"{sampler} sampler: {key}={opts[key]!r} is not supported; "
+                f"supported values: {', '.join(map(repr, allowed))}"
             )
     if sampler == "dpmpp-2m" and opts["solver_type"] not in ("midpoint", "heun"):
         opts["solver_type"] = "midpoint"  # diffusers maps UniPC's bh1/bh2 to midpoint as well

@@ -1,7 +1,7 @@
 """vidfusion: fast, lean text-to-video diffusion for the ModelScope text-to-video-ms-1.7b family."""
 
 from .loading import CheckpointError, CheckpointNotFoundError
-from .pipeline import TextToVideoOutput, TextToVideoPipeline
+from .pipeline import DiffusionPipeline, TextToVideoOutput, TextToVideoPipeline, TextToVideoSDPipeline
 from .schedulers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
+    "DiffusionPipeline",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",
@@ -30,6 +31,7 @@ __all__ = [
     "SAMPLER_NAMES",
     "TextToVideoOutput",
     "TextToVideoPipeline",
+    "TextToVideoSDPipeline",
     "UniPCMultistepScheduler",
     "export_to_video",
 ]

@@ -329,3 +329,15 @@ def _postprocess(video: torch.Tensor, output_type: str):
     from PIL import Image
 
     return [[Image.fromarray(f) for f in (clip * 255).round().astype(np.uint8)] for clip in frames]
+
+
+# diffusers' names, so that scripts switch by changing their imports
+TextToVideoSDPipeline = TextToVideoPipeline
+
+
+class DiffusionPipeline:
+    """`DiffusionPipeline.from_pretrained(...)` returns the pipeline the checkpoint's model_index.json names."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> TextToVideoPipeline:
+        return TextToVideoPipeline.from_pretrained(name_or_path, **kwargs)

@@ -17,6 +17,17 @@ from torch import nn
 SDPA_MAX_BATCH = 32768
 
 
+def use_channels_last_weights(model: nn.Module) -> nn.Module:
+    """Store conv weights channels-last so convolutions on channels-last activations do not re-layout them
+    on every call (a large cost on CPU). Conv3d (3,1,1) weights get the layout whose (3,1) view is NHWC."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        elif isinstance(module, nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return model
+
+
 def conv_cl(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Apply a Conv2d to a channels-last tensor (..., H, W, C) and return (..., H', W', C')."""
     lead, (h, w, c) = x.shape[:-3], x.shape[-3:]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, UNetConfig, VAEConfig
+from .layers import use_channels_last_weights
 from .unet3d import UNet3D
 from .vae import AutoencoderKL
 
@@ -241,13 +242,14 @@ def _config(cls, path: Path):
 
 def load_unet(folder: Path, dtype: torch.dtype, variant: str | None = None) -> UNet3D:
     cfg = _config(UNetConfig, folder / "config.json")
-    return build_strict(lambda: UNet3D(cfg), read_weights(folder, variant), dtype, str(folder))
+    unet = build_strict(lambda: UNet3D(cfg), read_weights(folder, variant), dtype, str(folder))
+    return use_channels_last_weights(unet)
 
 
 def load_vae(folder: Path, dtype: torch.dtype, variant: str | None = None) -> AutoencoderKL:
     cfg = _config(VAEConfig, folder / "config.json")
     state = rename_keys(read_weights(folder, variant), VAE_RENAMES)
-    return build_strict(lambda: AutoencoderKL(cfg), state, dtype, str(folder))
+    return use_channels_last_weights(build_strict(lambda: AutoencoderKL(cfg), state, dtype, str(folder)))
 
 
 def load_text_encoder(folder: Path, dtype: torch.dtype, variant: str | None = None):

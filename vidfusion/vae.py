@@ -118,7 +118,7 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         if cfg.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
-        self.frame_chunk = 8  # frames decoded at once: bounds decoder activation memory
+        self.frame_chunk: int | None = None  # frames decoded at once (None: 2 on CPU, 8 on GPU); bounds memory
         self.use_slicing = False
         self.use_tiling = False
         self.tile_latent_size = max(cfg.sample_size // cfg.scale_factor, 8)
@@ -139,6 +139,9 @@ class AutoencoderKL(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.weight.dtype
+
+    def _chunk(self, device: torch.device) -> int:
+        return self.frame_chunk or (2 if device.type == "cpu" else 8)
 
     def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
         # z (N, h, w, C) channels-last latents -> (N, H, W, 3)
@@ -174,14 +177,14 @@ class AutoencoderKL(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (N, C, h, w), already divided by scaling_factor -> images (N, 3, H, W) in [-1, 1]."""
         z = latents.permute(0, 2, 3, 1)
-        chunk = 1 if self.use_slicing else self.frame_chunk
+        chunk = 1 if self.use_slicing else self._chunk(z.device)
         tiled = self.use_tiling and max(z.shape[1], z.shape[2]) > self.tile_latent_size
         frames = [self._decode_tiled(c) if tiled else self._decode_frames(c) for c in z.split(chunk)]
         return torch.cat(frames).permute(0, 3, 1, 2)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (N, 3, H, W) in [-1, 1] -> (mean, logvar) of the latent distribution, each (N, C, h, w)."""
-        chunk = 1 if self.use_slicing else self.frame_chunk
+        chunk = 1 if self.use_slicing else self._chunk(images.device)
         moments = []
         for part in images.permute(0, 2, 3, 1).split(chunk):
             m = self.encoder(part)

@@ -1,0 +1,181 @@
+"""Side-by-side benchmark: vidfusion vs diffusers on the same random checkpoint, same settings.
+
+    python benchmarks/bench.py                      # CPU case from anchors.md (56M-param UNet3D)
+    python benchmarks/bench.py --case full-576 --device cuda --dtype float16
+    python benchmarks/bench.py --profile            # torch profiler table for vidfusion
+
+Each library runs in its own subprocess (so peak RSS is its own); runs alternate A/B and the medians,
+their ratio, peak memory and the max difference between the two outputs are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CASES = {
+    # anchors.md CPU case: UNet3D 64/128/256/256, cross-attention 128, head dim 16; 8 frames 128x128, DPM++ 4 steps
+    "cpu-small": dict(unet=dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=128, attention_head_dim=16,
+                                sample_size=16),
+                      vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=256),
+                      clip=dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4),
+                      frames=8, height=128, width=128, steps=4),
+    # the real 1.7B shapes (GPU)
+    "full-576": dict(unet={}, vae=None, clip=None, frames=24, height=320, width=576, steps=25),
+    "full-256": dict(unet={}, vae=None, clip=None, frames=16, height=256, width=256, steps=25),
+}
+
+
+def make_checkpoint(case: str, folder: Path) -> None:
+    """Random weights written by diffusers in the published layout (vidfusion's init-random for full shapes)."""
+    spec = CASES[case]
+    if spec["vae"] is None:
+        from vidfusion.random_checkpoint import write_random_checkpoint
+
+        write_random_checkpoint(folder, "full", fp16_variant=False)
+        return
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from vidfusion.random_checkpoint import PUBLISHED_SCHEDULER, write_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(**spec["unet"])
+    with torch.no_grad():  # diffusers zero-inits the last temporal convs; make every path do real work
+        for name, p in unet.named_parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        **spec["vae"])
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, max_position_embeddings=77, **spec["clip"]))
+    write_clip_tokenizer(folder / "tokenizer")
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(
+        str(folder / "tokenizer")), unet=unet, scheduler=DDIMScheduler.from_config(PUBLISHED_SCHEDULER))
+    pipe.save_pretrained(str(folder))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(PUBLISHED_SCHEDULER))
+
+
+def worker(lib: str, folder: str, case: str, device: str, dtype: str, repeats: int, out: str) -> None:
+    import torch
+
+    spec = CASES[case]
+    torch_dtype = getattr(torch, dtype)
+    kwargs = dict(num_frames=spec["frames"], height=spec["height"], width=spec["width"],
+                  num_inference_steps=spec["steps"])
+    if lib == "diffusers":
+        from diffusers import DPMSolverMultistepScheduler, TextToVideoSDPipeline
+
+        pipe = TextToVideoSDPipeline.from_pretrained(folder, torch_dtype=torch_dtype).to(device)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    else:
+        from vidfusion import TextToVideoPipeline
+
+        pipe = TextToVideoPipeline.from_pretrained(folder, dtype=torch_dtype, device=device)
+        kwargs["sampler"] = "dpmpp-2m"
+    pipe.set_progress_bar_config(disable=True)
+    times, frames = [], None
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(repeats + 1):  # first run is warm-up
+        sync()
+        start = time.perf_counter()
+        frames = pipe("a cat is surfing", generator=torch.Generator().manual_seed(0), **kwargs).frames
+        sync()
+        if i:
+            times.append(time.perf_counter() - start)
+    result = {"times": times, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.startswith("cuda"):
+        result["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    np.save(out + ".npy", np.asarray(frames, dtype=np.float32))
+    Path(out + ".json").write_text(json.dumps(result))
+
+
+def profile(folder: str, case: str, device: str, dtype: str) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from vidfusion import TextToVideoPipeline
+
+    spec = CASES[case]
+    pipe = TextToVideoPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_frames=spec["frames"], height=spec["height"], width=spec["width"],
+                  num_inference_steps=spec["steps"], sampler="dpmpp-2m")
+    pipe("warm-up", **kwargs)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        pipe("a cat is surfing", **kwargs)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total" if device == "cpu" else "self_cuda_time_total",
+                                    row_limit=25))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=CASES, default="cpu-small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per library per round")
+    parser.add_argument("--rounds", type=int, default=2, help="A/B alternations")
+    parser.add_argument("--checkpoint", default=None, help="reuse a checkpoint folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        worker(args.worker, args.checkpoint, args.case, args.device, args.dtype, args.repeats, args.out)
+        return
+    tmp = tempfile.mkdtemp(prefix="vidfusion-bench-")
+    folder = Path(args.checkpoint or os.path.join(tmp, "ckpt"))
+    if not (folder / "model_index.json").exists():
+        make_checkpoint(args.case, folder)
+    if args.profile:
+        profile(str(folder), args.case, args.device, args.dtype)
+        return
+    runs: dict[str, list[dict]] = {"diffusers": [], "vidfusion": []}
+    for r in range(args.rounds):
+        for lib in ("diffusers", "vidfusion") if r % 2 == 0 else ("vidfusion", "diffusers"):
+            out = os.path.join(tmp, f"{lib}-{r}")
+            cmd = [sys.executable, __file__, "--worker", lib, "--checkpoint", str(folder), "--case", args.case,
+                   "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats), "--out", out]
+            subprocess.run(cmd, check=True)
+            runs[lib].append({**json.loads(Path(out + ".json").read_text()), "frames": np.load(out + ".npy")})
+    summary = {"case": args.case, "device": args.device, "dtype": args.dtype}
+    for lib, results in runs.items():
+        summary[lib] = {
+            "median_s": statistics.median(t for r in results for t in r["times"]),
+            "max_rss_gib": max(r["max_rss_gib"] for r in results),
+            **({"cuda_peak_gib": max(r["cuda_peak_gib"] for r in results)} if "cuda_peak_gib" in results[0] else {}),
+        }
+    summary["speedup"] = summary["diffusers"]["median_s"] / summary["vidfusion"]["median_s"]
+    summary["max_abs_diff"] = float(np.abs(runs["diffusers"][0]["frames"] - runs["vidfusion"][0]["frames"]).max())
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"case {args.case} on {args.device} {args.dtype}")
+    for lib in ("diffusers", "vidfusion"):
+        s = summary[lib]
+        mem = f"  peak CUDA {s['cuda_peak_gib']:.2f} GiB" if "cuda_peak_gib" in s else ""
+        print(f"  {lib:10s} median {s['median_s']:.3f} s   max RSS {s['max_rss_gib']:.2f} GiB{mem}")
+    print(f"  speedup {summary['speedup']:.2f}x   max |frame diff| {summary['max_abs_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -53,7 +53,7 @@ def make_checkpoint(case: str, folder: Path) -> None:
     torch.manual_seed(0)
     unet = UNet3DConditionModel(**spec["unet"])
     with torch.no_grad():  # diffusers zero-inits the last temporal convs; make every path do real work
-        for name, p in unet.named_parameters():
+        for p in unet.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -108,7 +108,8 @@ def worker(lib: str, folder: str, case: str, device: str, dtype: str, repeats: i
 
 def profile(folder: str, case: str, device: str, dtype: str) -> None:
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     from vidfusion import TextToVideoPipeline
 

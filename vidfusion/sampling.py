@@ -401,8 +401,7 @@ def sample_unipc(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
 def _unipc_update(x, outputs, sigmas, i, order, opts, corrector=None):
     """Predictor (corrector=None) from step i to i+1, or corrector of that step given the new output."""
     alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
-    _, sigma_s0 = alpha_sigma(sigmas[i])
-    alpha_s0 = alpha_sigma(sigmas[i])[0]
+    alpha_s0, sigma_s0 = alpha_sigma(sigmas[i])
     lam_s0 = lambda_of(sigmas[i])
     h = lambda_of(sigmas[i + 1]) - lam_s0
     m0 = outputs[-1]

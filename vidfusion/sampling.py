@@ -50,6 +50,19 @@ def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return alpha_t, sigma * alpha_t
 
 
+def multistep_output(output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, kind: str, data_pred: bool
+                     ) -> torch.Tensor:
+    """What the multistep solvers extrapolate: x0 (data prediction) or eps, for VP x at VE `sigma`."""
+    alpha_s, sigma_s = alpha_sigma(sigma)
+    if data_pred:
+        if kind == "epsilon":
+            return (x - sigma_s * output) / alpha_s
+        return alpha_s * x - sigma_s * output if kind == "v_prediction" else output
+    if kind == "epsilon":
+        return output
+    return alpha_s * output + sigma_s * x if kind == "v_prediction" else (x - alpha_s * output) / sigma_s
+
+
 def lambda_of(sigma: torch.Tensor) -> torch.Tensor:
     alpha_t, sigma_t = alpha_sigma(sigma)
     return torch.log(alpha_t) - torch.log(sigma_t)
@@ -277,13 +290,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule,
     lower_nums = 0
     for i, t in enumerate(timesteps):
         out = model_fn(x, t)
-        alpha_s, sigma_s = alpha_sigma(sigmas[i])
-        if data_pred:
-            m = (x - sigma_s * out) / alpha_s if kind == "epsilon" else (
-                alpha_s * x - sigma_s * out if kind == "v_prediction" else out)
-        else:
-            m = out if kind == "epsilon" else (
-                alpha_s * out + sigma_s * x if kind == "v_prediction" else (x - alpha_s * out) / sigma_s)
+        m = multistep_output(out, x, sigmas[i], kind, data_pred)
         outputs = (outputs + [m])[-order:]
         final = i == n - 1 and (opts["euler_at_final"] or (opts["lower_order_final"] and n < 15)
                                 or opts["final_sigmas_type"] == "zero")
@@ -379,13 +386,7 @@ def sample_unipc(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
     lower_nums, this_order, last_x = 0, 1, None
     for i, t in enumerate(timesteps):
         out = model_fn(x, t)
-        alpha_s, sigma_s = alpha_sigma(sigmas[i])
-        if predict_x0:
-            m = (x - sigma_s * out) / alpha_s if kind == "epsilon" else (
-                alpha_s * x - sigma_s * out if kind == "v_prediction" else out)
-        else:
-            m = out if kind == "epsilon" else (
-                alpha_s * out + sigma_s * x if kind == "v_prediction" else (x - alpha_s * out) / sigma_s)
+        m = multistep_output(out, x, sigmas[i], kind, predict_x0)
         if i > 0 and (i - 1) not in opts["disable_corrector"] and last_x is not None:
             x = _unipc_update(last_x, outputs, sigmas, i - 1, this_order, opts, corrector=m)
         outputs = (outputs + [m])[-order:]

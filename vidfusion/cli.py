@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -54,12 +55,79 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae-tiling", action="store_true")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    srv = sub.add_parser("serve", help="HTTP jobs API and web UI")
+    srv.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
+    srv.add_argument("--variant", default=None)
+    srv.add_argument("--revision", default=None)
+    srv.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
+    srv.add_argument("--device", action="append", default=None,
+                     help="device to run jobs on; repeat for one worker per device (default: cuda if present)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--data-dir", default="./vidfusion-data", help="job database and videos")
+    srv.add_argument("--token", default=os.environ.get("VIDFUSION_TOKEN"),
+                     help="bearer token required on /v1 (default: $VIDFUSION_TOKEN)")
+    srv.add_argument("--max-queue", type=int, default=100, help="queued + running jobs before 429")
+    srv.add_argument("--max-frames", type=int, default=128)
+    srv.add_argument("--max-pixels", type=int, default=1024 * 1024, help="most height x width per frame")
+    srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
     init = sub.add_parser("init-random", help="write a random-weight checkpoint in the published layout")
     init.add_argument("dir")
     init.add_argument("--preset", choices=("tiny", "full"), default="tiny")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--fp16-variant", action="store_true", help="also write *.fp16.safetensors")
     return parser
+
+
+def _device_and_dtype(device: str | None, dtype_name: str | None):
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a valid device (e.g. cpu, cuda, cuda:1)") from None
+    if dtype_name:
+        return device, getattr(torch, dtype_name)
+    return device, torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serve.app import is_loopback
+
+    token = args.token or None
+    if not is_loopback(args.host) and token is None:
+        raise ValueError(f"refusing to serve on non-loopback host {args.host!r} without a token: pass --token or "
+                         "set VIDFUSION_TOKEN")
+    for name in ("max_queue", "max_frames", "max_pixels"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+
+    import logging
+
+    import uvicorn
+
+    from .pipeline import TextToVideoPipeline
+    from .serve.app import ServeSettings, create_app
+    from .serve.jobs import JobStore
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    pipes = []
+    for device in args.device or [None]:
+        device, dtype = _device_and_dtype(device, args.dtype)
+        pipe = TextToVideoPipeline.from_pretrained(args.model, dtype=dtype, variant=args.variant,
+                                                   revision=args.revision).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        pipes.append(pipe)
+    size = pipes[0].unet.config.sample_size * pipes[0].vae_scale_factor
+    settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
+                             max_frames=args.max_frames, max_pixels=args.max_pixels, default_height=size,
+                             default_width=size, model=str(args.model))
+    app = create_app(JobStore(args.data_dir), pipes, settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
 
 def _generate(args: argparse.Namespace) -> str:
@@ -76,15 +144,7 @@ def _generate(args: argparse.Namespace) -> str:
     for name in ("frames", "steps", "fps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a valid device (e.g. cpu, cuda, cuda:1)") from None
-    if args.dtype:
-        dtype = getattr(torch, args.dtype)
-    else:
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    device, dtype = _device_and_dtype(args.device, args.dtype)
     pipe = TextToVideoPipeline.from_pretrained(args.model, dtype=dtype, variant=args.variant, revision=args.revision)
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=args.device)
@@ -109,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "generate":
             print(_generate(args))
+        elif args.command == "serve":
+            _serve(args)
         else:
             from .random_checkpoint import write_random_checkpoint
 

@@ -1,0 +1,223 @@
+"""The HTTP service, started for real on a loopback port with a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import av
+import pytest
+
+from .serve_helpers import SMALL, Server, wait_for
+
+TOKEN = "s3cret-token"
+LONG = {**SMALL, "num_frames": 8, "height": 64, "width": 64, "num_inference_steps": 500}  # seconds per job
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    srv = Server(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "data", "--max-frames", "24",
+                 "--max-pixels", str(128 * 128), token=TOKEN).start()
+    yield srv
+    srv.stop()
+
+
+def decode(content: bytes, tmp_path, name="v.mp4"):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        return [f.to_ndarray(format="rgb24") for f in c.decode(stream)], float(stream.average_rate)
+
+
+def test_fifty_jobs_from_ten_concurrent_clients(server, tmp_path):
+    def client_run(k: int) -> list[dict]:
+        with server.client() as c:
+            ids = []
+            for i in range(5):
+                r = c.post("/v1/videos", json={**SMALL, "prompt": f"client {k} video {i}", "seed": 10 * k + i,
+                                               "fps": 4 + i})
+                assert r.status_code == 202, r.text
+                assert r.json()["status"] == "queued"
+                ids.append(r.json()["id"])
+            return [wait_for(c, job_id) for job_id in ids]
+
+    with ThreadPoolExecutor(10) as pool:
+        jobs = [job for batch in pool.map(client_run, range(10)) for job in batch]
+    assert len(jobs) == 50 and len({j["id"] for j in jobs}) == 50
+    with server.client() as c:
+        for job in jobs:
+            assert job["status"] == "succeeded", job
+            assert job["progress"] == {"step": 2, "total": 2} and job["finished_at"] >= job["created_at"]
+            r = c.get(f"/v1/videos/{job['id']}/content")
+            assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+            frames, fps = decode(r.content, tmp_path)
+            assert len(frames) == 2 and frames[0].shape == (32, 32, 3) and fps == job["params"]["fps"]
+
+
+def test_same_seed_same_video_and_listing(server, tmp_path):
+    with server.client() as c:
+        a, b = (c.post("/v1/videos", json={**SMALL, "prompt": "a red fox", "seed": 7}).json() for _ in range(2))
+        for job in (a, b):
+            wait_for(c, job["id"])
+        va, vb = (c.get(f"/v1/videos/{j['id']}/content").content for j in (a, b))
+        assert va == vb
+        listed = c.get("/v1/videos", params={"status": "succeeded", "limit": 2}).json()["data"]
+        assert [j["id"] for j in listed] == [b["id"], a["id"]]  # newest first
+        assert c.get("/v1/videos", params={"status": "bogus"}).status_code == 422
+        assert c.get("/v1/videos", params={"limit": 0}).status_code == 422
+
+
+def test_auth(server):
+    body = {**SMALL, "prompt": "auth"}
+    with server.client(token=None) as c:
+        assert c.get("/healthz").status_code == 200  # health needs no token
+        r = c.post("/v1/videos", json=body)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/v1/videos").status_code == 401
+    with server.client(token="wrong") as c:
+        assert c.get("/v1/videos").status_code == 401
+        assert c.post("/v1/videos", json=body).status_code == 401
+    with server.client() as c:
+        assert c.get("/v1/videos").status_code == 200
+        assert c.post("/v1/videos", json=body).status_code == 202
+        assert c.get("/v1/videos", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"num_frames": 2}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "x", "num_frames": 0}, "num_frames"),
+    ({"prompt": "x", "num_frames": 25}, "num_frames"),  # over --max-frames 24
+    ({"prompt": "x", "height": 30}, "height"),
+    ({"prompt": "x", "height": 256, "width": 256}, "height"),  # over --max-pixels
+    ({"prompt": "x", "sampler": "magic"}, "sampler"),
+    ({"prompt": "x", "guidance_scale": "lots"}, "guidance_scale"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "output_path": "/etc/passwd"}, "output_path"),  # nothing a client sends becomes a path
+])
+def test_validation_names_the_field(server, body, field):
+    with server.client() as c:
+        r = c.post("/v1/videos", json=body)
+        assert r.status_code == 422, r.text
+        assert any(d["loc"][-1] == field for d in r.json()["detail"]), r.text
+
+
+def test_unknown_job_is_404(server):
+    with server.client() as c:
+        for method, path in (("GET", ""), ("GET", "/content"), ("GET", "/events"), ("DELETE", "")):
+            assert c.request(method, f"/v1/videos/nope{path}").status_code == 404
+
+
+def test_cancel_running_and_queued_jobs(server):
+    with server.client() as c:
+        running = c.post("/v1/videos", json={**LONG, "prompt": "long one"}).json()
+        queued = c.post("/v1/videos", json={**SMALL, "prompt": "waits"}).json()
+        wait_for(c, running["id"], predicate=lambda j: j["status"] == "running" and j["progress"]["step"] >= 1)
+        assert c.get(f"/v1/videos/{running['id']}/content").status_code == 404  # not there until it exists
+        r = c.delete(f"/v1/videos/{queued['id']}")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        r = c.delete(f"/v1/videos/{running['id']}")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        step = r.json()["progress"]["step"]
+        after = c.post("/v1/videos", json={**SMALL, "prompt": "after"}).json()
+        assert wait_for(c, after["id"])["status"] == "succeeded"  # the worker moved on
+        for job in (running, queued):
+            final = c.get(f"/v1/videos/{job['id']}").json()
+            assert final["status"] == "cancelled" and c.get(f"/v1/videos/{job['id']}/content").status_code == 404
+        assert c.get(f"/v1/videos/{running['id']}").json()["progress"]["step"] <= step + 2  # stopped promptly
+        assert c.get(f"/v1/videos/{queued['id']}").json()["started_at"] is None  # never ran
+        assert c.delete(f"/v1/videos/{after['id']}").status_code == 409  # finished jobs cannot be cancelled
+
+
+def test_idempotency_key(server):
+    with server.client() as c:
+        body = {**SMALL, "prompt": "only once"}
+        first = c.post("/v1/videos", json=body, headers={"Idempotency-Key": "abc-123"})
+        second = c.post("/v1/videos", json=body, headers={"Idempotency-Key": "abc-123"})
+        assert first.status_code == 202 and second.status_code == 202
+        assert first.json()["id"] == second.json()["id"]
+        assert first.json()["params"]["seed"] == second.json()["params"]["seed"]
+        other = c.post("/v1/videos", json=body, headers={"Idempotency-Key": "abc-456"})
+        assert other.json()["id"] != first.json()["id"]
+        clash = c.post("/v1/videos", json={**body, "num_frames": 3}, headers={"Idempotency-Key": "abc-123"})
+        assert clash.status_code == 409 and "abc-123" in clash.text
+        listed = c.get("/v1/videos", params={"limit": 500}).json()["data"]
+        assert sum(j["params"]["prompt"] == "only once" for j in listed) == 2
+
+
+def test_server_sent_events_report_progress_then_the_final_status(server):
+    with server.client() as c:
+        job = c.post("/v1/videos", json={**SMALL, "num_inference_steps": 12, "prompt": "events"}).json()
+        events = []
+        with c.stream("GET", f"/v1/videos/{job['id']}/events") as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        steps = [e["progress"]["step"] for e in events if e["status"] == "running"]
+        assert events[-1]["status"] == "succeeded" and events[-1]["progress"] == {"step": 12, "total": 12}
+        assert len(steps) >= 3 and steps == sorted(steps) and max(steps) > 0
+        assert all(e["id"] == job["id"] for e in events)
+
+
+def test_queue_limit_gives_429(tiny_checkpoint, tmp_path):
+    srv = Server(tiny_checkpoint, tmp_path / "data", "--max-queue", "2").start()
+    try:
+        with srv.client() as c:
+            ids = [c.post("/v1/videos", json={**LONG, "prompt": f"fill {i}"}).json()["id"] for i in range(2)]
+            r = c.post("/v1/videos", json={**SMALL, "prompt": "one too many"})
+            assert r.status_code == 429 and "queue is full" in r.json()["detail"]
+            c.delete(f"/v1/videos/{ids[1]}")
+            assert c.post("/v1/videos", json={**SMALL, "prompt": "room again"}).status_code == 202
+            c.delete(f"/v1/videos/{ids[0]}")
+    finally:
+        srv.stop()
+
+
+def test_non_loopback_host_without_token_refuses_to_start(tiny_checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "serve", "--model", str(tiny_checkpoint),
+                             "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")], capture_output=True, text=True,
+                            timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "without a token" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_kill_9_mid_job_then_restart_loses_and_duplicates_nothing(tiny_checkpoint, tmp_path):
+    data = tmp_path / "data"
+    srv = Server(tiny_checkpoint, data).start()
+    slow = {**SMALL, "num_frames": 4, "num_inference_steps": 30}
+    with srv.client() as c:
+        ids = [c.post("/v1/videos", json={**(SMALL if i == 0 else slow), "prompt": f"job {i}", "seed": i},
+                      headers={"Idempotency-Key": f"k{i}"}).json()["id"] for i in range(4)]
+        done = wait_for(c, ids[0])
+        wait_for(c, ids[1], predicate=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2)
+        first_video = hashlib.sha256(c.get(f"/v1/videos/{ids[0]}/content").content).hexdigest()
+    srv.kill()
+    with sqlite3.connect(data / "jobs.sqlite3") as db:
+        states = dict(db.execute("SELECT id, status FROM jobs").fetchall())
+    assert states[ids[0]] == "succeeded" and states[ids[1]] == "running"
+
+    srv = Server(tiny_checkpoint, data).start()
+    try:
+        with srv.client() as c:
+            again = c.post("/v1/videos", json={**slow, "prompt": "job 1", "seed": 1}, headers={"Idempotency-Key": "k1"})
+            assert again.json()["id"] == ids[1]  # the key still maps to the same job after the crash
+            jobs = [wait_for(c, i) for i in ids]
+            assert [j["status"] for j in jobs] == ["succeeded"] * 4
+            assert jobs[0]["finished_at"] == done["finished_at"]  # finished jobs were not run again
+            listed = c.get("/v1/videos", params={"limit": 500}).json()["data"]
+            assert sorted(j["id"] for j in listed) == sorted(ids)
+            assert hashlib.sha256(c.get(f"/v1/videos/{ids[0]}/content").content).hexdigest() == first_video
+            for i in ids[1:]:
+                frames, _ = decode(c.get(f"/v1/videos/{i}/content").content, tmp_path)
+                assert len(frames) == 4
+        videos = sorted(p.name for p in (data / "videos").iterdir())
+        assert videos == sorted(f"{i}.mp4" for i in ids)  # one file per job, no temp files left
+    finally:
+        srv.stop()

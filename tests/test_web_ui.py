@@ -1,0 +1,62 @@
+"""The web UI driven in headless Chromium (Debian's chromium + Playwright), against the real server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from .serve_helpers import Server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("VIDFUSION_REQUIRE_BROWSER"):  # set by .ci/run, which installs chromium
+        raise RuntimeError("chromium is not installed: apt-get install chromium")
+    pytest.skip("chromium not installed (apt-get install chromium)", allow_module_level=True)
+
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def test_generate_from_the_page_plays_the_video(tiny_checkpoint, tmp_path, browser):
+    srv = Server(tiny_checkpoint, tmp_path / "data", token="ui-token").start()
+    try:
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        page.fill("#token", "ui-token")
+        page.fill("#prompt", "a lighthouse in a storm")
+        page.fill("#negative_prompt", "blurry")
+        for field, value in (("num_frames", "4"), ("width", "32"), ("height", "32"), ("num_inference_steps", "6"),
+                             ("seed", "5"), ("fps", "6")):
+            page.fill(f"#{field}", value)
+        page.click("#generate")
+        # the progress bar fills and the player gets a playable source (metadata loaded, no media error)
+        page.wait_for_function("document.getElementById('player').readyState >= 1", timeout=60_000)
+        assert page.eval_on_selector("#player", "v => v.error === null && v.duration > 0")
+        assert page.eval_on_selector("#progress", "p => p.value === p.max && p.max === 6")
+        assert "succeeded" in page.inner_text("#status")
+        assert page.get_attribute("#download", "download").endswith(".mp4")
+        page.wait_for_selector("#gallery .item")
+        assert "a lighthouse in a storm" in page.inner_text("#gallery")
+
+        with srv.client() as c:  # the page went through the same queue as the API
+            jobs = c.get("/v1/videos").json()["data"]
+            assert len(jobs) == 1 and jobs[0]["params"]["num_frames"] == 4 and jobs[0]["params"]["seed"] == 5
+            assert jobs[0]["params"]["negative_prompt"] == "blurry"
+
+        page.fill("#num_frames", "500")  # over the server limit: the error is shown, naming the field
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('error').textContent.includes('num_frames')")
+    finally:
+        srv.stop()

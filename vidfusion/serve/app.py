@@ -1,0 +1,190 @@
+"""The HTTP service: REST jobs API under /v1, server-sent progress events, the web UI at /."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..schedules import SAMPLER_NAMES
+from .jobs import FINISHED, STATUSES, IdempotencyConflictError, JobStore, QueueFullError
+from .ui import render_ui
+from .worker import Worker
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    data_dir: str = "./vidfusion-data"
+    token: str | None = None
+    max_queue: int = 100
+    max_frames: int = 128
+    max_pixels: int = 1024 * 1024
+    default_height: int = 256
+    default_width: int = 256
+    model: str = ""
+
+
+class VideoRequest(BaseModel):
+    """Parameters of one video; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str | None = Field(default=None, max_length=2000)
+    num_frames: int = Field(default=16, ge=1)
+    height: int | None = Field(default=None, ge=8, multiple_of=8)
+    width: int | None = Field(default=None, ge=8, multiple_of=8)
+    num_inference_steps: int = Field(default=50, ge=1, le=500)
+    guidance_scale: float = Field(default=9.0, ge=0.0, le=50.0)
+    sampler: Literal[tuple(SAMPLER_NAMES)] | None = None  # type: ignore[valid-type]
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    fps: int = Field(default=8, ge=1, le=60)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+
+def _field_error(field: str, message: str) -> HTTPException:
+    """A 422 in FastAPI's own validation format, naming the field."""
+    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -> FastAPI:
+    """The app around a job store and one loaded pipeline per device (one worker thread each)."""
+    workers = [Worker(store, pipe, str(getattr(pipe, "device", i))) for i, pipe in enumerate(pipes)]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store.recover()
+        for worker in workers:
+            worker.start()
+        yield
+        for worker in workers:
+            worker.stop()
+        for worker in workers:
+            worker.join(timeout=10)
+
+    app = FastAPI(title="vidfusion", version="0.1.0", lifespan=lifespan,
+                  description="Text-to-video jobs: submit, watch progress, download the mp4.")
+    app.state.store = store
+
+    def require_token(authorization: str | None = Header(default=None)) -> None:
+        if settings.token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+    def find(job_id: str):
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job with id {job_id!r}")
+        return job
+
+    @api.post("/videos", status_code=202)
+    def create_video(body: VideoRequest,
+                     idempotency_key: str | None = Header(default=None, max_length=200)) -> dict[str, Any]:
+        params = body.model_dump()
+        params["height"] = params["height"] or settings.default_height
+        params["width"] = params["width"] or settings.default_width
+        if params["num_frames"] > settings.max_frames:
+            raise _field_error("num_frames", f"num_frames must be at most {settings.max_frames} on this server")
+        if params["height"] * params["width"] > settings.max_pixels:
+            raise _field_error("height", f"height x width = {params['height'] * params['width']} pixels; this "
+                                         f"server allows at most {settings.max_pixels} per frame")
+        try:
+            job, _ = store.submit(params, idempotency_key, settings.max_queue)
+        except QueueFullError as exc:
+            raise HTTPException(429, f"queue is full: {exc}; retry later", headers={"Retry-After": "10"}) from None
+        except IdempotencyConflictError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return job.to_json()
+
+    @api.get("/videos")
+    def list_videos(status: Literal[STATUSES] | None = None,  # type: ignore[valid-type]
+                    limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
+        return {"object": "list", "data": [job.to_json() for job in store.list(status, limit)]}
+
+    @api.get("/videos/{job_id}")
+    def get_video(job_id: str) -> dict[str, Any]:
+        return find(job_id).to_json()
+
+    @api.get("/videos/{job_id}/content", response_class=FileResponse)
+    def video_content(job_id: str) -> FileResponse:
+        job = find(job_id)
+        path = store.video_path(job.id)
+        if job.status != "succeeded" or not path.exists():
+            raise HTTPException(404, f"job {job.id} has no video yet (status: {job.status})")
+        return FileResponse(path, media_type="video/mp4", filename=f"vidfusion-{job.id}.mp4",
+                            content_disposition_type="inline")
+
+    @api.delete("/videos/{job_id}")
+    def cancel_video(job_id: str) -> dict[str, Any]:
+        job = find(job_id)
+        if job.status in FINISHED:
+            raise HTTPException(409, f"job {job.id} has already finished (status: {job.status})")
+        return store.cancel(job.id).to_json()
+
+    @api.get("/videos/{job_id}/events")
+    async def video_events(job_id: str, request: Request) -> StreamingResponse:
+        find(job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            last, idle, n = None, 0.0, 0
+            while True:
+                job = store.get(job_id)
+                state = (job.status, job.step, job.total)
+                if state != last:
+                    n += 1
+                    yield f"id: {n}\ndata: {json.dumps(job.to_json())}\n\n"
+                    last, idle = state, 0.0
+                if job.status in FINISHED or await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.1)
+                idle += 0.1
+                if idle >= 15:
+                    yield ": keep-alive\n\n"
+                    idle = 0.0
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.include_router(api)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model, "workers": [w.name for w in workers],
+                "pending": store.pending()}
+
+    page = render_ui(settings, SAMPLER_NAMES)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def ui() -> str:
+        return page
+
+    return app

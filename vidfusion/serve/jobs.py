@@ -1,0 +1,220 @@
+"""Durable job queue: SQLite (WAL) under the data dir; videos in data_dir/videos under server-chosen names."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+MAX_ATTEMPTS = 3  # a job interrupted by this many crashes is marked failed instead of run again
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+"""
+
+
+class QueueFullError(Exception):
+    pass
+
+
+class IdempotencyConflictError(Exception):
+    pass
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: str
+    params: dict[str, Any]
+    step: int
+    total: int
+    error: str | None
+    attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"id": self.id, "status": self.status, "progress": {"step": self.step, "total": self.total},
+               "error": self.error, "created_at": _iso(self.created_at), "started_at": _iso(self.started_at),
+               "finished_at": _iso(self.finished_at), "params": self.params}
+        return out
+
+
+class JobStore:
+    """All job state lives in SQLite, so a restarted server sees every job; one connection guarded by a lock."""
+
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        self.video_dir = self.data_dir / "videos"
+        self.video_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.changed = threading.Condition()  # notified on every state change (workers, event streams)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def video_path(self, job_id: str) -> Path:
+        """The server-chosen file of a job's video (job ids are server-made hex uuids)."""
+        return self.video_dir / f"{job_id}.mp4"
+
+    def recover(self) -> list[str]:
+        """After a crash: jobs left running go back to the queue (or fail after MAX_ATTEMPTS interruptions);
+        half-written temp files are removed. Returns the ids that were requeued."""
+        for tmp in self.video_dir.glob(".*"):
+            tmp.unlink(missing_ok=True)
+        with self._lock:
+            rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
+            requeued = []
+            for row in rows:
+                if row["attempts"] >= MAX_ATTEMPTS:
+                    self._db.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                                     (FAILED, f"interrupted {row['attempts']} times by server restarts", time.time(),
+                                      row["id"]))
+                else:
+                    self._db.execute("UPDATE jobs SET status = ?, step = 0, started_at = NULL WHERE id = ?",
+                                     (QUEUED, row["id"]))
+                    requeued.append(row["id"])
+        self._notify()
+        return requeued
+
+    def submit(self, params: dict[str, Any], idempotency_key: str | None = None,
+               max_queue: int | None = None) -> tuple[Job, bool]:
+        """Queue a job. Returns (job, created); an idempotency key seen before returns that job, created=False."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if idempotency_key is not None:
+                    row = self._db.execute("SELECT * FROM jobs WHERE idempotency_key = ?",
+                                           (idempotency_key,)).fetchone()
+                    if row is not None:
+                        self._db.execute("COMMIT")
+                        job = _job(row)
+                        asked = {k: v for k, v in params.items() if not (k == "seed" and v is None)}
+                        if any(job.params.get(k) != v for k, v in asked.items()):
+                            raise IdempotencyConflictError(
+                                f"Idempotency-Key {idempotency_key!r} was used for job {job.id} with other parameters")
+                        return job, False
+                if max_queue is not None:
+                    pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)",
+                                               (QUEUED, RUNNING)).fetchone()[0]
+                    if pending >= max_queue:
+                        raise QueueFullError(f"{pending} jobs are waiting or running (limit {max_queue})")
+                job_id = uuid.uuid4().hex
+                if params.get("seed") is None:  # fixed now, so a job re-run after a crash makes the same video
+                    params = {**params, "seed": secrets.randbelow(2**63)}
+                self._db.execute(
+                    "INSERT INTO jobs (id, idempotency_key, status, params, total, created_at) VALUES (?,?,?,?,?,?)",
+                    (job_id, idempotency_key, QUEUED, json.dumps(params), params.get("num_inference_steps", 0),
+                     time.time()))
+                row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        self._notify()
+        return _job(row), True
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def list(self, status: str | None = None, limit: int = 50) -> list[Job]:
+        """Newest first."""
+        with self._lock:
+            if status is None:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ?",
+                                        (status, limit)).fetchall()
+        return [_job(r) for r in rows]
+
+    def claim(self) -> Job | None:
+        """Atomically take the oldest queued job and mark it running."""
+        with self._lock:
+            row = self._db.execute(
+                "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1, step = 0 "
+                "WHERE seq = (SELECT seq FROM jobs WHERE status = ? ORDER BY seq LIMIT 1) RETURNING *",
+                (RUNNING, time.time(), QUEUED)).fetchone()
+        if row is not None:
+            self._notify()
+        return None if row is None else _job(row)
+
+    def progress(self, job_id: str, step: int, total: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET step = ?, total = ? WHERE id = ? AND status = ?",
+                             (step, total, job_id, RUNNING))
+        self._notify()
+
+    def finish(self, job_id: str, status: str, error: str | None = None) -> bool:
+        """Running -> a final status. False when the job was no longer running (cancelled meanwhile)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET status = ?, error = ?, finished_at = ?, step = CASE WHEN ? THEN total ELSE step END "
+                "WHERE id = ? AND status = ?", (status, error, time.time(), status == SUCCEEDED, job_id, RUNNING))
+        self._notify()
+        return cur.rowcount == 1
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Queued or running -> cancelled (a running job's worker notices at its next step)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET status = ?, finished_at = ?, error = NULL WHERE id = ? AND status IN "
+                             "(?, ?)", (CANCELLED, time.time(), job_id, QUEUED, RUNNING))
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        self._notify()
+        return None if row is None else _job(row)
+
+    def status_of(self, job_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (QUEUED, RUNNING)).fetchone()[0]
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(id=row["id"], status=row["status"], params=json.loads(row["params"]), step=row["step"],
+               total=row["total"], error=row["error"], attempts=row["attempts"], created_at=row["created_at"],
+               started_at=row["started_at"], finished_at=row["finished_at"])

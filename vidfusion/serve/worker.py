@@ -1,0 +1,69 @@
+"""One worker thread per device: takes queued jobs in order, runs the pipeline, writes the video atomically."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from ..video_io import export_to_video
+from .jobs import FAILED, RUNNING, SUCCEEDED, JobStore
+
+log = logging.getLogger("vidfusion.serve")
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class Worker(threading.Thread):
+    def __init__(self, store: JobStore, pipe: Any, name: str):
+        super().__init__(name=f"vidfusion-worker-{name}", daemon=True)
+        self.store = store
+        self.pipe = pipe
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        with self.store.changed:
+            self.store.changed.notify_all()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            job = self.store.claim()
+            if job is None:
+                with self.store.changed:
+                    self.store.changed.wait(timeout=0.5)
+                continue
+            self.run_job(job.id, job.params)
+
+    def run_job(self, job_id: str, params: dict[str, Any]) -> None:
+        total = params["num_inference_steps"]
+        self.store.progress(job_id, 0, total)
+
+        def on_step(step: int, timestep: torch.Tensor, latents: torch.Tensor) -> None:
+            self.store.progress(job_id, step + 1, total)
+            if self._stop_event.is_set() or self.store.status_of(job_id) != RUNNING:
+                raise JobCancelled
+
+        try:
+            log.info("job %s: running", job_id)
+            generator = torch.Generator("cpu").manual_seed(params["seed"])  # same video on any device
+            frames = self.pipe(params["prompt"], params.get("negative_prompt"), num_frames=params["num_frames"],
+                               height=params["height"], width=params["width"], num_inference_steps=total,
+                               guidance_scale=params["guidance_scale"], sampler=params.get("sampler"),
+                               generator=generator, callback=on_step, output_type="np").frames[0]
+            if self.store.status_of(job_id) != RUNNING:
+                return
+            export_to_video(frames, self.store.video_path(job_id), fps=params["fps"])
+            if not self.store.finish(job_id, SUCCEEDED):  # cancelled while encoding: drop the file
+                self.store.video_path(job_id).unlink(missing_ok=True)
+            log.info("job %s: succeeded", job_id)
+        except JobCancelled:
+            log.info("job %s: stopped (%s)", job_id, "server stopping" if self._stop_event.is_set() else "cancelled")
+        except Exception as exc:  # a failed job must not kill the worker
+            log.exception("job %s failed", job_id)
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            self.store.finish(job_id, FAILED, f"{type(exc).__name__}: {message}"[:500])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, UNetConfig, VAEConfig
-from .layers import use_channels_last_weights
+from .layers import fuse_upsample_convs, use_channels_last_weights
 from .unet3d import UNet3D
 from .vae import AutoencoderKL
 
@@ -153,14 +154,53 @@ def read_model_index(folder: Path) -> dict[str, Any]:
 
 # ---- reading weights ------------------------------------------------------------------------------------
 
-def _read_one(path: Path) -> dict[str, torch.Tensor]:
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file tensor by tensor straight into memory we own, cast to `dtype` and with conv
+    weights in the channels-last layout the models use. Peak memory = the weights + one tensor (a memory map
+    would keep the file's pages resident beside every converted copy)."""
+    state: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header_len = int.from_bytes(f.read(8), "little")
+        if not 2 <= header_len <= size - 8:
+            raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        scratch = torch.empty(max([e - s for s, e in (i["data_offsets"] for _, i in entries)] + [0]), dtype=torch.uint8)
+        for name, info in entries:
+            start, end = info["data_offsets"]
+            stored, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+            nbytes = math.prod(shape) * stored.itemsize
+            if end - start != nbytes or base + end > size:
+                raise ValueError(f"tensor {name}: {end - start} bytes at offset {start} for shape {shape} "
+                                 f"in a {size}-byte file")
+            target = dtype if dtype is not None and stored.is_floating_point else stored
+            layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape), torch.contiguous_format)
+            tensor = torch.empty(shape, dtype=target, memory_format=layout)  # conv weights: channels-last
+            direct = target == stored and layout == torch.contiguous_format
+            buffer = tensor.reshape(-1).view(torch.uint8) if direct else scratch[:nbytes]
+            f.seek(base + start)
+            if nbytes and f.readinto(memoryview(buffer.numpy())) != nbytes:
+                raise ValueError(f"tensor {name} is cut short")
+            if not direct:  # one reused scratch buffer: no per-tensor temporaries fragmenting the heap
+                tensor.copy_(buffer.view(stored).view(shape))
+            state[name] = tensor
+    return state
+
+
+def _read_one(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointNotFoundError(f"missing weight file: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
+            return _read_safetensors(path, dtype)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
@@ -169,21 +209,21 @@ def _read_one(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def read_weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
-    """State dict of one component folder (single file or sharded via an index)."""
+def read_weights(folder: Path, variant: str | None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """State dict of one component folder (single file or sharded via an index); floats cast to `dtype`."""
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"missing subfolder: {folder}")
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     (chosen,) = choose_weight_files(names, variant, str(folder))
     if not chosen.endswith(".json"):
-        return _read_one(folder / chosen)
+        return _read_one(folder / chosen, dtype)
     index = read_json(folder / chosen)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{folder / chosen}: no 'weight_map' in the index")
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        state.update(_read_one(folder / shard))
+        state.update(_read_one(folder / shard, dtype))
     absent = sorted(set(weight_map) - set(state))
     if absent:
         raise CheckpointError(f"{folder / chosen}: keys listed in the index are not in the shards: {_names(absent)}")
@@ -242,14 +282,15 @@ def _config(cls, path: Path):
 
 def load_unet(folder: Path, dtype: torch.dtype, variant: str | None = None) -> UNet3D:
     cfg = _config(UNetConfig, folder / "config.json")
-    unet = build_strict(lambda: UNet3D(cfg), read_weights(folder, variant), dtype, str(folder))
-    return use_channels_last_weights(unet)
+    unet = build_strict(lambda: UNet3D(cfg), read_weights(folder, variant, dtype), dtype, str(folder))
+    return fuse_upsample_convs(use_channels_last_weights(unet))
 
 
 def load_vae(folder: Path, dtype: torch.dtype, variant: str | None = None) -> AutoencoderKL:
     cfg = _config(VAEConfig, folder / "config.json")
-    state = rename_keys(read_weights(folder, variant), VAE_RENAMES)
-    return use_channels_last_weights(build_strict(lambda: AutoencoderKL(cfg), state, dtype, str(folder)))
+    state = rename_keys(read_weights(folder, variant, dtype), VAE_RENAMES)
+    return fuse_upsample_convs(use_channels_last_weights(build_strict(lambda: AutoencoderKL(cfg), state, dtype,
+                                                                      str(folder))))
 
 
 def load_text_encoder(folder: Path, dtype: torch.dtype, variant: str | None = None):
@@ -260,7 +301,7 @@ def load_text_encoder(folder: Path, dtype: torch.dtype, variant: str | None = No
         cfg = CLIPTextConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
     except Exception as exc:
         raise CheckpointError(f"{folder / 'config.json'}: not a CLIP text model config ({exc})") from None
-    state = read_weights(folder, variant)
+    state = read_weights(folder, variant, dtype)
     with torch.device("meta"):
         prefixed = any(k.startswith("text_model.") for k in CLIPTextModel(cfg).state_dict())
     # transformers < 5 names the keys "text_model.*" (as published); 5.x drops the prefix

@@ -43,6 +43,11 @@ def group_norm_cl(norm: nn.GroupNorm, x: torch.Tensor, batch_dims: int) -> torch
     return y.permute(0, 2, 3, 1).reshape(x.shape)
 
 
+def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """silu(GroupNorm(x)) with the activation applied in place: one fresh full-size tensor instead of two."""
+    return F.silu(group_norm_cl(norm, x, batch_dims), inplace=True)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head attention. q (N, L, heads*d), k/v (N, S, heads*d) -> (N, L, heads*d)."""
     n, length, inner = q.shape
@@ -86,7 +91,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj(x).chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
+        return F.gelu(gate).mul_(hidden)
 
 
 class FeedForward(nn.Module):
@@ -141,15 +146,15 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor | None = None) -> torch.Tensor:
         # x (B, [F,] H, W, C); temb_act = silu(time embedding), (B, Ct): one per video, broadcast over frames
         batch_dims = x.dim() - 3
-        h = conv_cl(self.conv1, F.silu(group_norm_cl(self.norm1, x, batch_dims)))
+        h = conv_cl(self.conv1, group_norm_silu(self.norm1, x, batch_dims))
         if self.time_emb_proj is not None:
             t = self.time_emb_proj(temb_act)
-            h = h + t.view(t.shape[0], *([1] * (h.dim() - 2)), t.shape[-1])
-        h = conv_cl(self.conv2, F.silu(group_norm_cl(self.norm2, h, batch_dims)))
+            h = h.add_(t.view(t.shape[0], *([1] * (h.dim() - 2)), t.shape[-1]))
+        h = conv_cl(self.conv2, group_norm_silu(self.norm2, h, batch_dims))
         if self.conv_shortcut is not None:
             x = conv_cl(self.conv_shortcut, x)
-        out = x + h
-        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+        out = h.add_(x)  # h is this block's own tensor
+        return out if self.output_scale_factor == 1.0 else out.div_(self.output_scale_factor)
 
 
 class Downsample(nn.Module):

@@ -15,6 +15,7 @@ from .layers import (
     Upsample,
     conv_cl,
     group_norm_cl,
+    group_norm_silu,
     timestep_embedding,
 )
 
@@ -41,7 +42,7 @@ class TemporalConvLayer(nn.Module):
         y = x
         for seq in (self.conv1, self.conv2, self.conv3, self.conv4):
             norm, conv = seq[0], seq[-1]
-            y = F.silu(group_norm_cl(norm, y, batch_dims=1))  # statistics over (F, H, W) per video
+            y = group_norm_silu(norm, y, batch_dims=1)  # statistics over (F, H, W) per video
             y = F.conv2d(y.view(b, f, h * w, c).permute(0, 3, 1, 2), conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
             y = y.permute(0, 2, 3, 1).reshape(b, f, h, w, c)
         return x + y
@@ -201,7 +202,7 @@ class UNet3D(nn.Module):
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x, size=skips[-1].shape[2:4])
 
-        x = conv_cl(self.conv_out, F.silu(group_norm_cl(self.conv_norm_out, x, batch_dims=2)))
+        x = conv_cl(self.conv_out, group_norm_silu(self.conv_norm_out, x, batch_dims=2))
         return x.permute(0, 4, 1, 2, 3)  # (B, C, F, H, W)
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .layers import Downsample, ResnetBlock, Upsample, attention, conv_cl, group_norm_cl
+from .layers import Downsample, ResnetBlock, Upsample, attention, conv_cl, group_norm_cl, group_norm_silu
 
 EPS = 1e-6
 
@@ -73,7 +72,7 @@ class Encoder(nn.Module):
             if hasattr(block, "downsamplers"):
                 x = block.downsamplers[0](x)
         x = self.mid_block(x)
-        return conv_cl(self.conv_out, F.silu(group_norm_cl(self.conv_norm_out, x, batch_dims=1)))
+        return conv_cl(self.conv_out, group_norm_silu(self.conv_norm_out, x, batch_dims=1))
 
 
 class Decoder(nn.Module):
@@ -103,7 +102,7 @@ class Decoder(nn.Module):
                 x = resnet(x)
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x)
-        return conv_cl(self.conv_out, F.silu(group_norm_cl(self.conv_norm_out, x, batch_dims=1)))
+        return conv_cl(self.conv_out, group_norm_silu(self.conv_norm_out, x, batch_dims=1))
 
 
 class AutoencoderKL(nn.Module):
@@ -118,7 +117,7 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         if cfg.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
-        self.frame_chunk: int | None = None  # frames decoded at once (None: 2 on CPU, 8 on GPU); bounds memory
+        self.frame_chunk: int | None = None  # frames decoded at once (None: 1 on CPU, 8 on GPU); bounds memory
         self.use_slicing = False
         self.use_tiling = False
         self.tile_latent_size = max(cfg.sample_size // cfg.scale_factor, 8)
@@ -141,7 +140,7 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_in.weight.dtype
 
     def _chunk(self, device: torch.device) -> int:
-        return self.frame_chunk or (2 if device.type == "cpu" else 8)
+        return self.frame_chunk or (1 if device.type == "cpu" else 8)
 
     def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
         # z (N, h, w, C) channels-last latents -> (N, H, W, 3)

@@ -225,6 +225,17 @@ def fuse_upsample_convs(model: nn.Module) -> nn.Module:
     return model
 
 
+def fourier_filter(x: torch.Tensor, scale: float, threshold: int = 1) -> torch.Tensor:
+    """FreeU's skip filter: scale the lowest spatial frequencies (a 2*threshold square around DC in the
+    fft-shifted spectrum) of x (..., H, W, C) by `scale`. Computed in float32."""
+    h, w = x.shape[-3], x.shape[-2]
+    freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-3, -2)), dim=(-3, -2))
+    mask = torch.ones(h, w, 1, device=x.device)
+    mask[h // 2 - threshold:h // 2 + threshold, w // 2 - threshold:w // 2 + threshold] = scale
+    freq = torch.fft.ifftshift(freq * mask, dim=(-3, -2))
+    return torch.fft.ifftn(freq, dim=(-3, -2)).real.to(x.dtype)
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding, cos first (flip_sin_to_cos=True, shift 0). timesteps (B,) -> (B, dim) float32."""
     half = dim // 2

@@ -13,12 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import loading
-from .noise import randn, video_noise_sampler
+from .long_video import check_keyframes, check_window, keyframe_weights, reschedule_noise, windowed
+from .noise import free_init_filter as free_init_filter_mask
+from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler
 from .offload import SequentialOffload, offload_device
 from .sampling import SAMPLERS
 from .schedulers import Scheduler, scheduler_from_checkpoint
 from .schedules import NoiseSchedule, resolve_sampler, sampler_options
 from .text_encoder import encode_text
+from .vae import approximate_rgb
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
@@ -34,6 +37,10 @@ class TextToVideoOutput:
 class TextToVideoPipeline:
     """Text-to-video with the ModelScope text-to-video-ms-1.7b family (and Zeroscope v2)."""
 
+    # frames the UNet sees at once when window_size is not given (the model's training length);
+    # None (the diffusers-named classes) runs every frame at once, exactly as diffusers does
+    default_window_size: int | None = 16
+
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler: Scheduler):
         self.unet = unet
         self.vae = vae
@@ -44,6 +51,8 @@ class TextToVideoPipeline:
         self._offload: str | None = None
         self._offload_device: torch.device | None = None
         self._sequential: SequentialOffload | None = None
+        self._freeu: tuple[float, float, float, float] | None = None
+        self._interrupted = False
 
     # ---- loading and placement ------------------------------------------------------------------------
 
@@ -181,10 +190,26 @@ class TextToVideoPipeline:
         base, preset = resolve_sampler(sampler)
         return base, sampler_options(base, dict(self.scheduler.config), preset)
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU on every following call (diffusers' enable_freeu); `freeu=` on a call overrides it."""
+        self._freeu = (s1, s2, b1, b2)
+
+    def disable_freeu(self) -> None:
+        self._freeu = None
+
+    def interrupt(self) -> None:
+        """Stop the generation in progress after its current step; it returns what it has, decoded."""
+        self._interrupted = True
+
+    @staticmethod
+    def preview(latents: torch.Tensor) -> np.ndarray:
+        """Cheap live preview: latents (B, 4, F, h, w) -> uint8 frames (B, F, h, w, 3), no VAE."""
+        return approximate_rgb(latents)
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] | None = None,
+        prompt: str | list[str] | dict[int, str] | None = None,
         negative_prompt: str | list[str] | None = None,
         *,
         num_frames: int = 16,
@@ -194,6 +219,7 @@ class TextToVideoPipeline:
         guidance_scale: float = 9.0,
         sampler: str | None = None,
         eta: float = 0.0,
+        num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -202,62 +228,129 @@ class TextToVideoPipeline:
         return_dict: bool = True,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         callback_steps: int = 1,
+        callback_on_step_end: Callable[..., dict | None] | None = None,
         clip_skip: int | None = None,
+        noise_prior: str = "iid",
+        base_noise_ratio: float = 0.5,
+        window_size: int | None = None,
+        window_stride: int | None = None,
+        loop: bool = False,
+        freeu: tuple[float, float, float, float] | None = None,
+        free_init_iterations: int = 1,
+        free_init_filter: str = "butterworth",
+        free_init_spatial: float = 0.25,
+        free_init_temporal: float = 0.25,
     ) -> TextToVideoOutput | tuple:
-        """Generate one video per prompt. See README for the meaning of each argument."""
+        """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument."""
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        prompts, negatives = _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames,
-                                           height, width, num_inference_steps, guidance_scale, eta, output_type,
-                                           callback_steps)
-        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        keyframes = check_keyframes(prompt, num_frames) if isinstance(prompt, dict) else None
+        prompts, negatives = _check_inputs(keyframes[1] if keyframes else prompt, negative_prompt, prompt_embeds,
+                                           negative_prompt_embeds, num_frames, height, width, num_inference_steps,
+                                           guidance_scale, eta, output_type, callback_steps)
+        for name, value in (("num_videos_per_prompt", num_videos_per_prompt),
+                            ("free_init_iterations", free_init_iterations)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        window_size = window_size or self.default_window_size or max(num_frames, 2)
+        stride = check_window(num_frames, window_size, window_stride, loop)
+        if keyframes and (negatives is not None and len(negatives) != 1 or prompt_embeds is not None):
+            raise ValueError("with a keyframe prompt dict pass one negative_prompt string and no prompt_embeds")
+        freeu = self._freeu if freeu is None else _check_freeu(freeu)
+        low_pass = None
+        if free_init_iterations > 1:
+            low_pass = free_init_filter_mask((num_frames, height // self.vae_scale_factor,
+                                              width // self.vae_scale_factor), free_init_filter, free_init_spatial,
+                                             free_init_temporal, device=self.device)
         guidance = guidance_scale > 1.0
         base, options = self._sampler(sampler)
         schedule = NoiseSchedule.create(options, num_inference_steps)
         device = self.device
 
-        # 1. text, once per generation: (2B, 77, D) = [uncond; cond] with guidance
-        context = self.encode_prompt(prompts, negatives, guidance, prompt_embeds, negative_prompt_embeds, clip_skip)
+        # 1. text, once per generation: [uncond; cond] with guidance; per frame (N*F, 77, D) for prompt travel
+        if keyframes:
+            context = self._travel_context(keyframes, negatives, num_frames, num_videos_per_prompt, guidance,
+                                           clip_skip)
+            batch = num_videos_per_prompt
+        else:
+            context = self.encode_prompt(_repeat(prompts, num_videos_per_prompt),
+                                         _repeat(negatives, num_videos_per_prompt), guidance,
+                                         _repeat(prompt_embeds, num_videos_per_prompt),
+                                         _repeat(negative_prompt_embeds, num_videos_per_prompt), clip_skip)
+            batch = context.shape[0] // (2 if guidance else 1)
         noise_dtype = context.dtype
 
-        # 2. initial noise, drawn as diffusers draws it
+        # 2. initial noise, drawn as diffusers draws it (or with the VideoFusion prior)
         shape = (batch, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} videos; pass one per video")
         if latents is None:
-            latents = randn(shape, generator, device, noise_dtype)
+            latents = initial_noise(shape, generator, device, noise_dtype, noise_prior, base_noise_ratio)
+            if not loop and num_frames > window_size:
+                latents = reschedule_noise(latents, window_size, stride, generator)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/8, width/8), "
                              f"got {tuple(latents.shape)}")
         x = latents.to(device=device, dtype=torch.float32)
 
-        # 3. sample
+        # 3. sample: the UNet sees at most window_size frames at once
         self._activate(self.unet)
         unet_dtype = self.unet.dtype
         context = context.to(unet_dtype)
 
-        def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def guided(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
             inp = torch.cat([x_in, x_in]) if guidance else x_in
-            out = self.unet(inp.to(unet_dtype), t.to(device), context).float()
+            out = self.unet(inp.to(unet_dtype), t.to(device), ctx).float()
             if guidance:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
             return out
 
-        progress = tqdm(total=num_inference_steps, **self._progress)
+        model_fn = windowed(guided, context, keyframes is not None, num_frames, window_size, stride, loop)
+        total_steps = num_inference_steps * free_init_iterations
+        progress = tqdm(total=total_steps, **self._progress)
+        iteration = 0
+        self._interrupted = False
 
-        def on_step(step: int, t: torch.Tensor, x_now: torch.Tensor) -> None:
+        def on_step(step: int, t: torch.Tensor, x_now: torch.Tensor) -> torch.Tensor:
             progress.update()
+            step += iteration * num_inference_steps
             if callback is not None and step % callback_steps == 0:
                 callback(step, t, x_now)
+            if callback_on_step_end is not None:
+                update = callback_on_step_end(self, step, t, {"latents": x_now}) or {}
+                if not isinstance(update, dict):
+                    raise TypeError(f"callback_on_step_end must return a dict or None, got {type(update).__name__}")
+                if update.get("latents") is not None:
+                    if tuple(update["latents"].shape) != tuple(x_now.shape):
+                        raise ValueError(f"callback_on_step_end returned latents of shape "
+                                         f"{tuple(update['latents'].shape)}; expected {tuple(x_now.shape)}")
+                    x_now = update["latents"].to(device=x_now.device, dtype=x_now.dtype)
+                if update.get("stop"):
+                    self._interrupted = True
+            if self._interrupted:
+                raise _Stopped(x_now)
+            return x_now
 
         extra = {"eta": eta} if "eta" in inspect.signature(SAMPLERS[base]).parameters else {}
         noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)
+        start = x
+        previous_freeu, self.unet.freeu = self.unet.freeu, freeu
         try:
-            x = SAMPLERS[base](model_fn, x, schedule, noise_sampler=noise_sampler, callback=on_step, **extra)
+            for iteration in range(free_init_iterations):
+                if iteration:  # FreeInit: diffuse the result back to t=T, keep its low frequencies, fresh high ones
+                    a_t = schedule.alphas_cumprod[-1].to(device)
+                    diffused = a_t**0.5 * x + (1 - a_t) ** 0.5 * start
+                    fresh = randn(shape, generator, device, noise_dtype).float()
+                    x = mix_frequencies(diffused, fresh, low_pass)
+                x = SAMPLERS[base](model_fn, x, schedule, noise_sampler=noise_sampler, callback=on_step, **extra)
+        except _Stopped as stopped:
+            x = stopped.latents
         finally:
+            self.unet.freeu = previous_freeu
             progress.close()
+            self._interrupted = False
 
         # 4. decode -> frames
         if output_type == "latent":
@@ -267,6 +360,18 @@ class TextToVideoPipeline:
         self._release()
         return TextToVideoOutput(frames=video) if return_dict else (video,)
 
+    def _travel_context(self, keyframes: tuple[list[int], list[str]], negatives: list[str] | None, num_frames: int,
+                        videos: int, guidance: bool, clip_skip: int | None) -> torch.Tensor:
+        """Per-frame text states (videos*F, 77, D), interpolated linearly between keyframe prompts."""
+        keys, texts = keyframes
+        embeds = self.encode_prompt(texts, None, False, clip_skip=clip_skip)  # (K, 77, D)
+        weights = keyframe_weights(keys, num_frames).to(embeds.device, embeds.dtype)
+        per_frame = torch.einsum("fk,ksd->fsd", weights, embeds).repeat(videos, 1, 1)  # (videos*F, 77, D)
+        if not guidance:
+            return per_frame
+        uncond = self.encode_prompt([""], negatives, True)[:1]  # (1, 77, D)
+        return torch.cat([uncond.expand_as(per_frame), per_frame])
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (B, C, F, h, w) -> video (B, F, 3, H, W) float32 in [-1, 1]."""
@@ -275,6 +380,28 @@ class TextToVideoPipeline:
         z = (latents / self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
         images = self.vae.decode(z.to(self.vae.dtype))
         return images.view(b, f, *images.shape[1:]).float()
+
+
+class _Stopped(Exception):
+    def __init__(self, latents: torch.Tensor):
+        super().__init__("generation stopped")
+        self.latents = latents
+
+
+def _repeat(items, times: int):
+    """Each prompt (or embedding row) `times` times in a row, as diffusers' num_images_per_prompt."""
+    if items is None or times == 1:
+        return items
+    if isinstance(items, torch.Tensor):
+        return items.repeat_interleave(times, dim=0)
+    return [item for item in items for _ in range(times)]
+
+
+def _check_freeu(freeu) -> tuple[float, float, float, float]:
+    if (not isinstance(freeu, (tuple, list)) or len(freeu) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in freeu)):
+        raise ValueError(f"freeu must be four numbers (s1, s2, b1, b2), e.g. (0.9, 0.2, 1.2, 1.4); got {freeu!r}")
+    return tuple(float(v) for v in freeu)
 
 
 def _as_list(value: str | list[str], name: str) -> list[str]:
@@ -331,8 +458,11 @@ def _postprocess(video: torch.Tensor, output_type: str):
     return [[Image.fromarray(f) for f in (clip * 255).round().astype(np.uint8)] for clip in frames]
 
 
-# diffusers' names, so that scripts switch by changing their imports
-TextToVideoSDPipeline = TextToVideoPipeline
+class TextToVideoSDPipeline(TextToVideoPipeline):
+    """diffusers' name, so that scripts switch by changing their imports: everything as TextToVideoPipeline,
+    but long clips run all frames at once (no windows unless window_size is passed), as diffusers does."""
+
+    default_window_size = None
 
 
 class DiffusionPipeline:
@@ -340,4 +470,4 @@ class DiffusionPipeline:
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> TextToVideoPipeline:
-        return TextToVideoPipeline.from_pretrained(name_or_path, **kwargs)
+        return TextToVideoSDPipeline.from_pretrained(name_or_path, **kwargs)

@@ -5,7 +5,8 @@
 `model_fn(x_in, t)` returns the raw network output (eps, v or x0 as the schedule's prediction_type says)
 for the model input `x_in` at timestep `t` (0-dim tensor). `x` is unit-variance initial noise, float32;
 each sampler applies its own initial scale. `noise_sampler()` draws fresh unit noise shaped like `x`
-(ancestral samplers). `callback(step, t, x)` runs after each of the `schedule.num_steps` steps.
+(ancestral samplers). `callback(step, t, x)` runs after each of the `schedule.num_steps` steps; a tensor it
+returns replaces x.
 The numerics follow diffusers' schedulers step for step, so seeds carry over.
 """
 
@@ -19,7 +20,7 @@ import torch
 from .schedules import NoiseSchedule, discrete_sigmas, init_noise_sigma, multistep_sigmas, spaced_timesteps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+Callback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None
 NoiseSampler = Callable[[], torch.Tensor] | None
 
 
@@ -72,9 +73,13 @@ def _noise(noise_sampler: NoiseSampler, x: torch.Tensor) -> torch.Tensor:
     return noise_sampler() if noise_sampler is not None else torch.randn_like(x)
 
 
-def _done(callback: Callback, step: int, t: torch.Tensor, x: torch.Tensor) -> None:
+def _done(callback: Callback, step: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Run the step callback; a tensor it returns replaces x (the pipeline's callback_on_step_end)."""
     if callback is not None:
-        callback(step, t, x)
+        replaced = callback(step, t, x)
+        if replaced is not None:
+            return replaced
+    return x
 
 
 # ---- DDIM / PNDM (alpha space, integer timesteps) ---------------------------------------------------------
@@ -94,7 +99,7 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
         x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
         if eta > 0:
             x = x + std * _noise(noise_sampler, x)
-        _done(callback, i, t, x)
+        x = _done(callback, i, t, x)
     return x
 
 
@@ -140,7 +145,7 @@ def sample_pndm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
                 x = prev(x, t, t - stride, _plms_combination(ets))
             if i >= 1:
                 step += 1
-                _done(callback, step, torch.tensor(t), x)
+                x = _done(callback, step, torch.tensor(t), x)
         return x
 
     half = stride // 2
@@ -166,13 +171,13 @@ def sample_pndm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
         x = prev(cur_x, t_ref, t_prev, eps)
         if phase == 3:
             step += 1
-            _done(callback, step, torch.tensor(t), x)
+            x = _done(callback, step, torch.tensor(t), x)
     for t in plms.tolist():
         eps = model_fn(x, torch.tensor(t))
         ets = ets[-3:] + [eps]
         x = prev(x, t, t - stride, _plms_combination(ets))
         step += 1
-        _done(callback, step, torch.tensor(t), x)
+        x = _done(callback, step, torch.tensor(t), x)
     return x
 
 
@@ -200,7 +205,7 @@ def sample_euler(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
         sigma = sigmas[i]
         x0 = sigma_x0(model_fn(_scaled(x, sigma), t), x, sigma, schedule.prediction_type)
         x = x + (x - x0) / sigma * (sigmas[i + 1] - sigma)
-        _done(callback, i, t, x)
+        x = _done(callback, i, t, x)
     return x
 
 
@@ -215,7 +220,7 @@ def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSc
         s_down = (s_to**2 - s_up**2) ** 0.5
         x = x + (x - x0) / s_from * (s_down - s_from)
         x = x + _noise(noise_sampler, x) * s_up
-        _done(callback, i, t, x)
+        x = _done(callback, i, t, x)
     return x
 
 
@@ -239,7 +244,7 @@ def sample_heun(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
         if i < n - 1:  # second evaluation at the end point, then average the slopes
             d = (d + derivative(x + d * dt, sigma_next, timesteps[i + 1])) / 2
         x = x + d * dt
-        _done(callback, i, timesteps[i], x)
+        x = _done(callback, i, timesteps[i], x)
     return x
 
 
@@ -268,7 +273,7 @@ def sample_lms(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, n
         cur = min(i + 1, order)
         coeffs = [_lms_coefficient(sig, cur, i, j) for j in range(cur)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(derivatives)))
-        _done(callback, i, t, x)
+        x = _done(callback, i, t, x)
     return x
 
 
@@ -304,7 +309,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule,
             use = 3
         x = _dpm_update(x, outputs, sigmas, i, use, algo, opts["solver_type"], noise)
         lower_nums = min(lower_nums + 1, order)
-        _done(callback, i, t, x)
+        x = _done(callback, i, t, x)
     return x
 
 
@@ -395,7 +400,7 @@ def sample_unipc(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
         last_x = x
         x = _unipc_update(x, outputs, sigmas, i, this_order, opts)
         lower_nums = min(lower_nums + 1, order)
-        _done(callback, i, t, x)
+        x = _done(callback, i, t, x)
     return x
 
 

@@ -14,6 +14,7 @@ from .layers import (
     TransformerBlock,
     Upsample,
     conv_cl,
+    fourier_filter,
     group_norm_cl,
     group_norm_silu,
     timestep_embedding,
@@ -167,6 +168,8 @@ class UNet3D(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        # FreeU (s1, s2, b1, b2) or None; like diffusers it is off unless all four are non-zero
+        self.freeu: tuple[float, float, float, float] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -195,9 +198,16 @@ class UNet3D(nn.Module):
 
         x = self.mid_block(x, temb_act, context)
 
-        for block in self.up_blocks:
+        freeu = self.freeu if self.freeu is not None and all(self.freeu) else None
+        for level, block in enumerate(self.up_blocks):
             for i in range(len(block.resnets)):
-                x = torch.cat([x, skips.pop()], dim=-1)
+                skip = skips.pop()
+                if freeu is not None and level < 2:  # the two lowest-resolution stages
+                    s, b_scale = freeu[level], freeu[2 + level]
+                    half = x.shape[-1] // 2
+                    x = torch.cat([x[..., :half] * b_scale, x[..., half:]], dim=-1)
+                    skip = fourier_filter(skip, s)
+                x = torch.cat([x, skip], dim=-1)
                 x = block.layer(i, x, temb_act, context)
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x, size=skips[-1].shape[2:4])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -202,3 +203,17 @@ def _ramp(length: int, fade_in: int, fade_out: int) -> torch.Tensor:
     if fade_out:
         w[-fade_out:] = torch.linspace(1.0, 1.0 / (fade_out + 1), fade_out + 1)[1:]
     return w
+
+
+# Least-squares map from the 4 latent channels (as the UNet sees them) to RGB in [-1, 1] for SD-family VAEs
+# (the widely used "latent RGB factors").
+LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+                           [-0.2120, -0.2616, -0.7177]])
+
+
+def approximate_rgb(latents: torch.Tensor) -> np.ndarray:
+    """latents (B, 4, F, h, w) -> uint8 (B, F, h, w, 3) without running the decoder (for live previews)."""
+    if latents.dim() != 5 or latents.shape[1] != 4:
+        raise ValueError(f"preview needs latents of shape (B, 4, F, h, w), got {tuple(latents.shape)}")
+    rgb = torch.einsum("bcfhw,cr->bfhwr", latents.detach().float().cpu(), LATENT_RGB)
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -1,0 +1,122 @@
+"""Videos longer than the training length, loops and prompt travel (FreeNoise-style).
+
+The UNet only ever sees `window_size` frames at a time; the predictions of overlapping windows are fused
+with pyramid weights, so peak UNet memory depends on the window, not on num_frames. Initial noise is
+rescheduled (later windows reuse shuffled noise of earlier ones) so distant windows stay consistent. With
+`loop=True` the windows run around the end of the clip back to its start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .noise import Generator
+
+
+def check_window(num_frames: int, window_size: int, window_stride: int | None, loop: bool) -> int:
+    """Validate the window options; returns the stride (default window_size // 4)."""
+    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 2:
+        raise ValueError(f"window_size must be an integer >= 2, got {window_size!r}")
+    stride = window_size // 4 if window_stride is None else window_stride
+    if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= window_size:
+        raise ValueError(f"window_stride must be an integer in [1, window_size={window_size}], got {window_stride!r}")
+    if loop and num_frames < 2:
+        raise ValueError("loop=True needs at least 2 frames")
+    return max(stride, 1)
+
+
+def frame_windows(num_frames: int, size: int, stride: int, loop: bool, call: int = 0) -> list[list[int]] | None:
+    """Frame indices of each window, or None when one plain UNet call covers the clip."""
+    if not loop:
+        if num_frames <= size:
+            return None
+        starts = list(range(0, num_frames - size + 1, stride))
+        if starts[-1] != num_frames - size:
+            starts.append(num_frames - size)
+        return [list(range(s, s + size)) for s in starts]
+    if num_frames <= size:  # one window over the whole circle, rotated a little further at every call
+        offset = (call * stride) % num_frames
+        return [[(offset + j) % num_frames for j in range(num_frames)]]
+    count = math.ceil(num_frames / stride)
+    return [[(k * stride + j) % num_frames for j in range(size)] for k in range(count)]
+
+
+def pyramid_weights(size: int, device: torch.device) -> torch.Tensor:
+    """1, 2, ..., 2, 1: a window's middle frames count more than its edges."""
+    j = torch.arange(size, device=device)
+    return torch.minimum(j + 1, size - j).float()
+
+
+def reschedule_noise(noise: torch.Tensor, size: int, stride: int, generator: Generator) -> torch.Tensor:
+    """FreeNoise: frames after the first window get a shuffled copy of the noise `size` frames earlier.
+    noise (B, C, F, H, W)."""
+    gen = generator[0] if isinstance(generator, list) else generator
+    gen = gen if gen is None or gen.device.type == "cpu" else None
+    noise = noise.clone()
+    frames = noise.shape[2]
+    for start in range(size, frames, stride):
+        src = max(0, start - size)
+        length = min(stride, frames - start)
+        order = torch.randperm(min(stride, start - src), generator=gen)[:length] + src
+        noise[:, :, start:start + length] = noise[:, :, order.to(noise.device)]
+    return noise
+
+
+def windowed(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], context: torch.Tensor,
+             per_frame_context: bool, num_frames: int, size: int, stride: int, loop: bool):
+    """Wrap `model_fn(x, t, context)` (x (B, C, F, H, W)) into `fn(x, t)` that runs it window by window and
+    fuses the overlapping predictions. A per-frame context is (N*F, S, D) and is sliced like the frames."""
+    calls = [0]
+
+    def context_for(idx: list[int] | None) -> torch.Tensor:
+        if idx is None or not per_frame_context:
+            return context
+        per_video = context.view(-1, num_frames, *context.shape[1:])  # (N, F, S, D)
+        return per_video[:, idx].reshape(-1, *context.shape[1:])
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        windows = frame_windows(num_frames, size, stride, loop, calls[0])
+        calls[0] += 1
+        if windows is None:
+            return model_fn(x, t, context)
+        out = torch.zeros_like(x)
+        total = torch.zeros(num_frames, device=x.device)
+        for idx in windows:
+            weight = pyramid_weights(len(idx), x.device)
+            pred = model_fn(x[:, :, idx], t, context_for(idx))
+            out[:, :, idx] += pred * weight.view(1, 1, -1, 1, 1)
+            total[idx] += weight
+        return out / total.view(1, 1, -1, 1, 1)
+
+    return fn
+
+
+def keyframe_weights(keyframes: list[int], num_frames: int) -> torch.Tensor:
+    """(F, K) linear interpolation weights between prompt keyframes; constant before the first / after the last."""
+    weights = torch.zeros(num_frames, len(keyframes))
+    for f in range(num_frames):
+        if f <= keyframes[0]:
+            weights[f, 0] = 1
+        elif f >= keyframes[-1]:
+            weights[f, -1] = 1
+        else:
+            k = max(i for i, key in enumerate(keyframes) if key <= f)
+            a = (f - keyframes[k]) / (keyframes[k + 1] - keyframes[k])
+            weights[f, k], weights[f, k + 1] = 1 - a, a
+    return weights
+
+
+def check_keyframes(prompt: dict, num_frames: int) -> tuple[list[int], list[str]]:
+    if not prompt:
+        raise ValueError("a prompt dict needs at least one {frame: text} keyframe")
+    keys = sorted(prompt)
+    for key in keys:
+        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < num_frames:
+            raise ValueError(f"prompt keyframe {key!r} is out of range: keys must be frame indices in "
+                             f"[0, {num_frames - 1}]")
+        if not isinstance(prompt[key], str):
+            raise ValueError(f"prompt keyframe {key} must map to a string, got {prompt[key]!r}")
+    return keys, [prompt[k] for k in keys]

@@ -1,0 +1,195 @@
+"""Creative controls: FreeU, noise prior, long/looping videos, prompt travel, FreeInit, callbacks, batches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vidfusion.long_video import frame_windows, keyframe_weights
+from vidfusion.noise import free_init_filter, initial_noise
+
+from .test_parity import assert_latents_close, run_reference
+
+BASE = dict(prompt="a cat is surfing", num_frames=3, height=32, width=32, num_inference_steps=3)
+FREEU = (0.9, 0.2, 1.2, 1.4)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m"])
+def test_freeu_matches_diffusers_enable_freeu(reference, ours, sampler):
+    reference.enable_freeu(*FREEU)
+    try:
+        ref = run_reference(reference, sampler, output_type="latent", **BASE)
+    finally:
+        reference.disable_freeu()
+    got = ours(**BASE, sampler=sampler, freeu=FREEU, generator=gen(), output_type="latent").frames
+    plain = ours(**BASE, sampler=sampler, generator=gen(), output_type="latent").frames
+    assert_latents_close(ref, got)
+    assert (got - plain).abs().max() > 1e-3  # FreeU did something
+    ours.enable_freeu(*FREEU)
+    try:
+        assert torch.equal(ours(**BASE, sampler=sampler, generator=gen(), output_type="latent").frames, got)
+    finally:
+        ours.disable_freeu()
+
+
+def test_videofusion_noise_prior_statistics():
+    shape = (2, 4, 16, 32, 32)
+    for ratio in (0.0, 0.3, 0.8):
+        noise = initial_noise(shape, gen(1), "cpu", torch.float32, "videofusion", ratio)
+        assert abs(noise.var().item() - 1) < 0.03 and abs(noise.mean().item()) < 0.02  # unit variance kept
+        flat = noise.permute(0, 2, 1, 3, 4).reshape(2, 16, -1)  # correlation between frames of a video = ratio
+        corr = np.mean([np.corrcoef(flat[b].numpy())[np.triu_indices(16, 1)].mean() for b in range(2)])
+        assert abs(corr - ratio) < 0.03, (ratio, corr)
+    iid = initial_noise(shape, gen(1), "cpu", torch.float32)
+    assert torch.equal(initial_noise(shape, gen(1), "cpu", torch.float32, "videofusion", 0.0), iid)
+    with pytest.raises(ValueError, match="base_noise_ratio"):
+        initial_noise(shape, gen(1), "cpu", torch.float32, "videofusion", 1.5)
+    with pytest.raises(ValueError, match="noise_prior"):
+        initial_noise(shape, gen(1), "cpu", torch.float32, "gaussian")
+
+
+def test_noise_prior_through_the_pipeline(ours):
+    a = ours(**BASE, generator=gen(), noise_prior="videofusion", base_noise_ratio=0.5, output_type="latent").frames
+    b = ours(**BASE, generator=gen(), output_type="latent").frames
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="base_noise_ratio"):
+        ours(**BASE, noise_prior="videofusion", base_noise_ratio=-0.1)
+
+
+def test_windows_cover_every_frame():
+    assert frame_windows(16, 16, 4, False) is None
+    wins = frame_windows(40, 16, 4, False)
+    assert wins[0] == list(range(16)) and wins[-1] == list(range(24, 40)) and all(len(w) == 16 for w in wins)
+    assert set().union(*map(set, wins)) == set(range(40))
+    loop = frame_windows(40, 16, 8, True)
+    assert [0, 39] == sorted({0, 39} & set(next(w for w in loop if 39 in w and 0 in w)))  # wraps around
+    short = frame_windows(8, 16, 2, True, call=1)
+    assert short == [[(2 + j) % 8 for j in range(8)]]
+
+
+def test_long_video_runs_the_unet_on_windows_only(ours):
+    seen = []
+    hook = ours.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
+    try:
+        out = ours("a long walk", num_frames=40, height=16, width=16, num_inference_steps=2, window_size=8,
+                   window_stride=4, generator=gen(), output_type="latent").frames
+    finally:
+        hook.remove()
+    assert out.shape[2] == 40 and max(seen) == 8 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="window_stride"):
+        ours("x", num_frames=20, window_size=8, window_stride=9)
+    with pytest.raises(ValueError, match="window_size"):
+        ours("x", num_frames=20, window_size=1)
+
+
+RSS_SCRIPT = """
+import resource, sys, torch
+from vidfusion import TextToVideoPipeline
+pipe = TextToVideoPipeline.from_pretrained(sys.argv[1]); pipe.set_progress_bar_config(disable=True)
+pipe("warm up", num_frames=8, height=64, width=64, num_inference_steps=1, output_type="latent")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pipe("long", num_frames=int(sys.argv[2]), height=64, width=64, num_inference_steps=1, window_size=8, window_stride=4,
+     output_type="latent")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_long_video_peak_memory_is_flat_in_num_frames(tiny_checkpoint):
+    growth = {}
+    for frames in (32, 96):
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tiny_checkpoint), str(frames)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        growth[frames] = float(out.stdout.strip().splitlines()[-1])
+    # measured: windows 24 -> 34 MB; whole-clip UNet calls (window_size=200) 232 -> 751 MB
+    assert growth[96] < growth[32] + 40, growth
+
+
+def test_loop_makes_the_last_frame_flow_into_the_first(ours):
+    frames = ours("waves", num_frames=12, height=32, width=32, num_inference_steps=4, window_size=6,
+                  window_stride=2, loop=True, generator=gen(3)).frames[0]
+    steps = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
+    seam = np.abs(frames[0] - frames[-1]).mean()
+    assert seam <= 1.5 * steps.mean(), (seam, steps)
+
+
+def test_prompt_travel(ours):
+    single = ours({0: "a red car"}, **{k: v for k, v in BASE.items() if k != "prompt"}, generator=gen(),
+                  output_type="latent").frames
+    plain = ours("a red car", **{k: v for k, v in BASE.items() if k != "prompt"}, generator=gen(),
+                 output_type="latent").frames
+    assert_latents_close(plain, single)  # one keyframe == the plain prompt
+    travel = ours({0: "a red car", 2: "a blue boat"}, **{k: v for k, v in BASE.items() if k != "prompt"},
+                  generator=gen(), output_type="latent").frames
+    assert not torch.allclose(travel, plain)
+    w = keyframe_weights([0, 4, 8], 10)
+    assert torch.allclose(w.sum(1), torch.ones(10)) and w[2].tolist() == [0.5, 0.5, 0] and w[9].tolist() == [0, 0, 1]
+    for bad in ({5: "x"}, {-1: "x"}, {}, {0: 3}):
+        with pytest.raises(ValueError, match="keyframe"):
+            ours(bad, num_frames=3)
+
+
+def test_free_init(ours):
+    assert free_init_filter((4, 8, 8), "ideal").max() == 1
+    for kind in ("gaussian", "butterworth", "ideal"):
+        mask = free_init_filter((8, 16, 16), kind, 0.25, 0.25)
+        assert mask.shape == (8, 16, 16) and mask[4, 8, 8] == 1 and mask[0, 0, 0] < 0.5  # low pass, centred
+    steps = []
+    out = ours(**BASE, generator=gen(), free_init_iterations=2, free_init_filter="gaussian",
+               callback=lambda i, t, x: steps.append(i), output_type="latent").frames
+    plain = ours(**BASE, generator=gen(), output_type="latent").frames
+    assert steps == list(range(6)) and not torch.allclose(out, plain)
+    with pytest.raises(ValueError, match="free_init_filter"):
+        ours(**BASE, free_init_iterations=2, free_init_filter="box")
+
+
+def test_callback_on_step_end_replaces_latents_and_stops(ours):
+    calls = []
+
+    def zero_then_stop(pipe, step, timestep, state):
+        calls.append((step, int(timestep)))
+        if step == 0:
+            return {"latents": torch.zeros_like(state["latents"])}
+        return {"stop": True}
+
+    out = ours(**BASE, sampler="ddim", generator=gen(), callback_on_step_end=zero_then_stop,
+               output_type="latent").frames
+    assert [c[0] for c in calls] == [0, 1]  # stopped after step 1 of 3
+    # after zeroing, DDIM's next step starts from zeros: the result differs from an untouched 2-step-stop run
+    untouched = ours(**BASE, sampler="ddim", generator=gen(), output_type="latent",
+                     callback_on_step_end=lambda p, s, t, st: {"stop": True} if s == 1 else None).frames
+    assert not torch.allclose(out, untouched)
+    frames = ours(**BASE, generator=gen(), callback_on_step_end=lambda p, s, t, st: p.interrupt()).frames
+    assert frames.shape == (1, 3, 32, 32, 3)  # interrupted after the first step, decoded
+    with pytest.raises(ValueError, match="shape"):
+        ours(**BASE, callback_on_step_end=lambda p, s, t, st: {"latents": torch.zeros(1)})
+
+
+def test_preview_is_uint8_frames(ours):
+    latents = torch.randn(2, 4, 3, 8, 8)
+    preview = ours.preview(latents)
+    assert preview.shape == (2, 3, 8, 8, 3) and preview.dtype == np.uint8
+    with pytest.raises(ValueError, match="preview"):
+        ours.preview(torch.randn(4, 8, 8))
+
+
+def test_batches_equal_videos_made_one_by_one(ours):
+    args = {k: v for k, v in BASE.items() if k != "prompt"}
+    batch = ours(["a fox", "a dog"], num_videos_per_prompt=2, generator=[gen(i) for i in range(4)],
+                 output_type="latent", **args).frames
+    assert batch.shape[0] == 4
+    for i, prompt in enumerate(["a fox", "a fox", "a dog", "a dog"]):
+        one = ours(prompt, generator=gen(i), output_type="latent", **args).frames
+        assert_latents_close(one, batch[i:i + 1])
+    with pytest.raises(ValueError, match="generators"):
+        ours(["a fox", "a dog"], num_videos_per_prompt=2, generator=[gen(0)] * 3, **args)
+    with pytest.raises(ValueError, match="num_videos_per_prompt"):
+        ours("a fox", num_videos_per_prompt=0, **args)

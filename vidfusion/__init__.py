@@ -13,7 +13,8 @@ from .schedulers import (
     UniPCMultistepScheduler,
 )
 from .schedules import SAMPLER_NAMES
-from .video_io import export_to_video
+from .video2video import VideoToVideoPipeline, VideoToVideoSDPipeline
+from .video_io import export_to_video, read_video
 
 __version__ = "0.1.0"
 
@@ -33,5 +34,8 @@ __all__ = [
     "TextToVideoPipeline",
     "TextToVideoSDPipeline",
     "UniPCMultistepScheduler",
+    "VideoToVideoPipeline",
+    "VideoToVideoSDPipeline",
     "export_to_video",
+    "read_video",
 ]

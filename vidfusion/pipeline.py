@@ -285,14 +285,15 @@ class TextToVideoPipeline:
                  width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} videos; pass one per video")
-        if latents is None:
-            latents = initial_noise(shape, generator, device, noise_dtype, noise_prior, base_noise_ratio)
-            if not loop and num_frames > window_size:
-                latents = reschedule_noise(latents, window_size, stride, generator)
-        elif tuple(latents.shape) != shape:
+        if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/8, width/8), "
                              f"got {tuple(latents.shape)}")
-        x = latents.to(device=device, dtype=torch.float32)
+        x, start = self._initial_latents(shape, generator, noise_dtype, latents, base, schedule)
+        if start == 0 and latents is None:
+            x = initial_noise(shape, generator, device, noise_dtype, noise_prior, base_noise_ratio)
+            if not loop and num_frames > window_size:
+                x = reschedule_noise(x, window_size, stride, generator)
+        x = x.to(device=device, dtype=torch.float32)
 
         # 3. sample: the UNet sees at most window_size frames at once
         self._activate(self.unet)
@@ -334,6 +335,8 @@ class TextToVideoPipeline:
             return x_now
 
         extra = {"eta": eta} if "eta" in inspect.signature(SAMPLERS[base]).parameters else {}
+        if start:
+            extra["start"] = start
         noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)
         start = x
         previous_freeu, self.unet.freeu = self.unet.freeu, freeu
@@ -359,6 +362,11 @@ class TextToVideoPipeline:
             video = _postprocess(self.decode_latents(x), output_type)
         self._release()
         return TextToVideoOutput(frames=video) if return_dict else (video,)
+
+    def _initial_latents(self, shape: tuple[int, ...], generator, dtype: torch.dtype, latents: torch.Tensor | None,
+                         sampler: str, schedule: NoiseSchedule) -> tuple[torch.Tensor | None, int]:
+        """(latents to start from, first step). Text-to-video: the given latents or fresh noise from step 0."""
+        return latents, 0
 
     def _travel_context(self, keyframes: tuple[list[int], list[str]], negatives: list[str] | None, num_frames: int,
                         videos: int, guidance: bool, clip_skip: int | None) -> torch.Tensor:
@@ -470,4 +478,8 @@ class DiffusionPipeline:
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> TextToVideoPipeline:
-        return TextToVideoSDPipeline.from_pretrained(name_or_path, **kwargs)
+        from .video2video import VideoToVideoSDPipeline
+
+        folder = loading.resolve_checkpoint(name_or_path, kwargs.get("variant"), kwargs.get("revision"))
+        video = loading.read_model_index(folder).get("_class_name") == "VideoToVideoSDPipeline"
+        return (VideoToVideoSDPipeline if video else TextToVideoSDPipeline).from_pretrained(name_or_path, **kwargs)

@@ -85,11 +85,13 @@ def _done(callback: Callback, step: int, t: torch.Tensor, x: torch.Tensor) -> to
 # ---- DDIM / PNDM (alpha space, integer timesteps) ---------------------------------------------------------
 
 def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
-                callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
+                callback: Callback = None, eta: float = 0.0, start: int = 0) -> torch.Tensor:
     opts, n, ac = schedule.options, schedule.num_steps, schedule.alphas_cumprod
     final = torch.tensor(1.0) if opts["set_alpha_to_one"] else ac[0]
     stride = opts["num_train_timesteps"] // n
     for i, t in enumerate(torch.from_numpy(spaced_timesteps(opts, n, integer=True))):
+        if i < start:
+            continue
         a_t = ac[t]
         a_prev = ac[t - stride] if t - stride >= 0 else final
         x0, eps = vp_x0_eps(model_fn(x, t), x, a_t, schedule.prediction_type)
@@ -114,11 +116,13 @@ def _pndm_prev(x, t, t_prev, eps, ac, final, kind):
 
 
 def sample_pndm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
-                callback: Callback = None) -> torch.Tensor:
+                callback: Callback = None, start: int = 0) -> torch.Tensor:
     """Pseudo numerical methods: Runge-Kutta warm-up (unless skip_prk_steps), then linear multistep."""
     opts, n, ac = schedule.options, schedule.num_steps, schedule.alphas_cumprod
     if schedule.prediction_type == "sample":
         raise ValueError("pndm sampler: prediction_type='sample' is not supported")
+    if start:
+        raise ValueError("the pndm sampler cannot start part-way (video-to-video); use ddim, dpmpp-2m or unipc")
     final = torch.tensor(1.0) if opts["set_alpha_to_one"] else ac[0]
     stride = opts["num_train_timesteps"] // n
     base = spaced_timesteps(opts, n, integer=True)[::-1].copy()  # ascending
@@ -198,11 +202,11 @@ def _scaled(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def sample_euler(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
-                 callback: Callback = None) -> torch.Tensor:
+                 callback: Callback = None, start: int = 0) -> torch.Tensor:
     timesteps, sigmas = discrete_sigmas(schedule, config_limits=True)
-    x = x * init_noise_sigma(sigmas, schedule.options)
-    for i, t in enumerate(timesteps):
-        sigma = sigmas[i]
+    x = x if start else x * init_noise_sigma(sigmas, schedule.options)
+    for i in range(start, len(timesteps)):
+        t, sigma = timesteps[i], sigmas[i]
         x0 = sigma_x0(model_fn(_scaled(x, sigma), t), x, sigma, schedule.prediction_type)
         x = x + (x - x0) / sigma * (sigmas[i + 1] - sigma)
         x = _done(callback, i, t, x)
@@ -210,11 +214,12 @@ def sample_euler(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
 
 
 def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
-                           noise_sampler: NoiseSampler = None, callback: Callback = None) -> torch.Tensor:
+                           noise_sampler: NoiseSampler = None, callback: Callback = None,
+                           start: int = 0) -> torch.Tensor:
     timesteps, sigmas = discrete_sigmas(schedule, config_limits=False)
-    x = x * init_noise_sigma(sigmas, schedule.options)
-    for i, t in enumerate(timesteps):
-        s_from, s_to = sigmas[i], sigmas[i + 1]
+    x = x if start else x * init_noise_sigma(sigmas, schedule.options)
+    for i in range(start, len(timesteps)):
+        t, s_from, s_to = timesteps[i], sigmas[i], sigmas[i + 1]
         x0 = sigma_x0(model_fn(_scaled(x, s_from), t), x, s_from, schedule.prediction_type)
         s_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
         s_down = (s_to**2 - s_up**2) ** 0.5
@@ -225,10 +230,10 @@ def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSc
 
 
 def sample_heun(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
-                callback: Callback = None) -> torch.Tensor:
+                callback: Callback = None, start: int = 0) -> torch.Tensor:
     opts, kind = schedule.options, schedule.prediction_type
     timesteps, sigmas = discrete_sigmas(schedule, config_limits=False)
-    x = x * init_noise_sigma(sigmas, opts)
+    x = x if start else x * init_noise_sigma(sigmas, opts)
 
     def derivative(x_at, sigma, t):
         x0 = sigma_x0(model_fn(_scaled(x_at, sigma), t), x_at, sigma, kind)
@@ -237,7 +242,7 @@ def sample_heun(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
         return (x_at - x0) / sigma
 
     n = len(timesteps)
-    for i in range(n):
+    for i in range(start, n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = derivative(x, sigma, timesteps[i])
         dt = sigma_next - sigma
@@ -261,13 +266,13 @@ def _lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
 
 
 def sample_lms(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
-               callback: Callback = None, order: int = 4) -> torch.Tensor:
+               callback: Callback = None, order: int = 4, start: int = 0) -> torch.Tensor:
     timesteps, sigmas = discrete_sigmas(schedule, config_limits=False)
-    x = x * init_noise_sigma(sigmas, schedule.options)
+    x = x if start else x * init_noise_sigma(sigmas, schedule.options)
     sig = sigmas.double().numpy()
     derivatives: list[torch.Tensor] = []
-    for i, t in enumerate(timesteps):
-        sigma = sigmas[i]
+    for i in range(start, len(timesteps)):
+        t, sigma = timesteps[i], sigmas[i]
         x0 = sigma_x0(model_fn(_scaled(x, sigma), t), x, sigma, schedule.prediction_type)
         derivatives = (derivatives + [(x - x0) / sigma])[-order:]
         cur = min(i + 1, order)
@@ -280,7 +285,7 @@ def sample_lms(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, n
 # ---- multistep solvers in log-SNR time (VP space, integer timesteps) --------------------------------------
 
 def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
-                    noise_sampler: NoiseSampler = None, callback: Callback = None) -> torch.Tensor:
+                    noise_sampler: NoiseSampler = None, callback: Callback = None, start: int = 0) -> torch.Tensor:
     """DPM-Solver(++) multistep, orders 1-3, ODE or SDE variants (diffusers' DPMSolverMultistepScheduler)."""
     opts, kind = schedule.options, schedule.prediction_type
     algo, order = opts["algorithm_type"], opts["solver_order"]
@@ -293,7 +298,8 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule,
     n = len(timesteps)
     outputs: list[torch.Tensor] = []
     lower_nums = 0
-    for i, t in enumerate(timesteps):
+    for i in range(start, n):
+        t = timesteps[i]
         out = model_fn(x, t)
         m = multistep_output(out, x, sigmas[i], kind, data_pred)
         outputs = (outputs + [m])[-order:]
@@ -381,7 +387,7 @@ def _dpm_update(x, outputs, sigmas, i, use, algo, solver_type, noise):
 
 
 def sample_unipc(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
-                 callback: Callback = None) -> torch.Tensor:
+                 callback: Callback = None, start: int = 0) -> torch.Tensor:
     """UniPC multistep predictor-corrector (diffusers' UniPCMultistepScheduler, bh1/bh2)."""
     opts, kind = schedule.options, schedule.prediction_type
     order, predict_x0 = opts["solver_order"], opts["predict_x0"]
@@ -389,7 +395,8 @@ def sample_unipc(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
     n = len(timesteps)
     outputs: list[torch.Tensor] = []
     lower_nums, this_order, last_x = 0, 1, None
-    for i, t in enumerate(timesteps):
+    for i in range(start, n):
+        t = timesteps[i]
         out = model_fn(x, t)
         m = multistep_output(out, x, sigmas[i], kind, predict_x0)
         if i > 0 and (i - 1) not in opts["disable_corrector"] and last_x is not None:
@@ -441,6 +448,23 @@ def _unipc_update(x, outputs, sigmas, i, order, opts, corrector=None):
     rhos = torch.ones(1) * 0.5 if order == 1 else torch.linalg.solve(r_mat, b_vec)
     res = sum(r * d for r, d in zip(rhos[:-1], d1s)) if d1s else 0
     return base - scale * b_h * (res + rhos[-1] * (corrector - m0))
+
+
+def start_state(sampler: str, schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, start: int
+                ) -> torch.Tensor:
+    """Clean latents x0 noised to step `start` of `sampler`'s schedule, in that sampler's own space: what
+    `sample_<name>(..., start=start)` continues from (image/video-to-video; diffusers' add_noise)."""
+    if sampler in ("euler", "euler-ancestral", "heun", "lms"):
+        _, sigmas = discrete_sigmas(schedule, config_limits=sampler == "euler")
+        return x0 + noise * sigmas[start]
+    if sampler in ("dpmpp-2m", "unipc"):
+        alpha_t, sigma_t = alpha_sigma(multistep_sigmas(schedule)[1][start])
+        return alpha_t * x0 + sigma_t * noise
+    if sampler == "ddim":
+        t = int(spaced_timesteps(schedule.options, schedule.num_steps, integer=True)[start])
+        a_t = schedule.alphas_cumprod[t]
+        return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * noise
+    raise ValueError(f"the {sampler} sampler cannot start part-way (video-to-video); use ddim, dpmpp-2m or unipc")
 
 
 SAMPLERS = {

@@ -96,3 +96,31 @@ def _rate(fps: float):
     from fractions import Fraction
 
     return Fraction(fps).limit_denominator(1001)
+
+
+def read_video(path: str | os.PathLike) -> np.ndarray:
+    """Decode a video file -> uint8 frames (F, H, W, 3)."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input video '{path}' does not exist")
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise ValueError(f"cannot read video '{path}': {exc}") from None
+    if not frames:
+        raise ValueError(f"video '{path}' has no frames")
+    return np.stack(frames)
+
+
+def video_fps(path: str | os.PathLike) -> float:
+    """Frame rate of a video file."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return float(container.streams.video[0].average_rate or 8)
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise ValueError(f"cannot read video '{path}': {exc}") from None

@@ -1,0 +1,131 @@
+"""VideoToVideoPipeline: encode a video -> noise it to step (1 - strength) -> sample from there -> decode."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .noise import randn
+from .pipeline import TextToVideoOutput, TextToVideoPipeline
+from .sampling import start_state
+from .schedules import NoiseSchedule
+from .video_io import read_video
+
+
+def video_to_tensor(video: Any) -> torch.Tensor:
+    """Frames as the pipelines return them (np (F, H, W, 3) / (B, F, H, W, 3) in [0, 1] or uint8, torch
+    (F, 3, H, W) / (B, F, 3, H, W) in [0, 1], a list of PIL images) or a video file path
+    -> float32 (B, F, 3, H, W) in [-1, 1]."""
+    if isinstance(video, (str, os.PathLike)):
+        video = read_video(video)
+    if isinstance(video, (list, tuple)) and video and hasattr(video[0], "convert"):  # PIL images
+        video = np.stack([np.asarray(frame.convert("RGB")) for frame in video])
+    if isinstance(video, np.ndarray):
+        if video.ndim not in (4, 5) or video.shape[-1] != 3:
+            raise ValueError(f"video array must be (frames, H, W, 3) or (batch, frames, H, W, 3), got {video.shape}")
+        array = video.astype(np.float32) / 255 if video.dtype == np.uint8 else video.astype(np.float32)
+        tensor = torch.from_numpy(array).movedim(-1, -3)
+    elif isinstance(video, torch.Tensor):
+        if video.dim() not in (4, 5) or video.shape[-3] != 3:
+            raise ValueError(f"video tensor must be (frames, 3, H, W) or (batch, frames, 3, H, W), got "
+                             f"{tuple(video.shape)}")
+        tensor = video.float() / 255 if video.dtype == torch.uint8 else video.float()
+    else:
+        raise ValueError("video must be frames (numpy array, torch tensor, list of PIL images) or a video file path, "
+                         f"got {type(video).__name__}")
+    if tensor.dim() == 4:
+        tensor = tensor[None]
+    if tensor.shape[1] < 1:
+        raise ValueError("video has no frames")
+    return tensor.cpu() * 2 - 1
+
+
+def resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, F, 3, H, W) -> (B, F, 3, height, width), bicubic with antialiasing, values kept in [-1, 1]."""
+    b, f = video.shape[:2]
+    if video.shape[-2:] == (height, width):
+        return video
+    frames = F.interpolate(video.flatten(0, 1), size=(height, width), mode="bicubic", antialias=True,
+                           align_corners=False)
+    return frames.clamp(-1, 1).view(b, f, 3, height, width)
+
+
+class VideoToVideoPipeline(TextToVideoPipeline):
+    """Restyle or upscale a video with a prompt (diffusers' VideoToVideoSDPipeline; the Zeroscope XL recipe)."""
+
+    _init_video: torch.Tensor | None = None
+    _strength: float = 0.6
+
+    @classmethod
+    def from_pipe(cls, pipe: TextToVideoPipeline) -> VideoToVideoPipeline:
+        """A video-to-video pipeline sharing the loaded models (no copy) of another pipeline."""
+        new = cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+        new._progress = dict(pipe._progress)
+        new._freeu = pipe._freeu
+        new._offload, new._offload_device, new._sequential = pipe._offload, pipe._offload_device, pipe._sequential
+        return new
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | dict[int, str] | None = None, video: Any = None,
+                 strength: float = 0.6, *, guidance_scale: float = 15.0, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, **kwargs: Any) -> TextToVideoOutput | tuple:
+        """Generate from `video` (frames or a file path): strength 0 keeps it, 1 ignores it. height/width resize
+        the frames first (multiples of 8). Other arguments as TextToVideoPipeline."""
+        if video is None:
+            raise ValueError("pass the input video: frames (numpy/torch/PIL) or a video file path")
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        if kwargs.get("free_init_iterations", 1) != 1:
+            raise ValueError("free_init_iterations is for text-to-video; video-to-video starts from the video")
+        if kwargs.get("latents") is not None:
+            raise ValueError("pass either video or latents, not both")
+        frames = video_to_tensor(video)
+        height, width = height or frames.shape[-2], width or frames.shape[-1]
+        if height % 8 or width % 8:
+            raise ValueError(f"video frames are {frames.shape[-1]}x{frames.shape[-2]}; width and height must be "
+                             "multiples of 8: pass width= and height= to resize")
+        if num_frames is not None and num_frames != frames.shape[1]:
+            raise ValueError(f"num_frames={num_frames} but the video has {frames.shape[1]} frames")
+        self._init_video, self._strength = resize_video(frames, height, width), float(strength)
+        try:
+            return super().__call__(prompt, num_frames=frames.shape[1], height=height, width=width,
+                                    guidance_scale=guidance_scale, **kwargs)
+        finally:
+            self._init_video = None
+
+    def _initial_latents(self, shape: tuple[int, ...], generator, dtype: torch.dtype, latents: torch.Tensor | None,
+                         sampler: str, schedule: NoiseSchedule) -> tuple[torch.Tensor | None, int]:
+        steps = schedule.num_steps
+        start = steps - min(int(steps * self._strength), steps)  # strength 0 (or too few steps): no step runs
+        b, c, f, h, w = shape
+        video = self._init_video
+        if video.shape[0] not in (1, b):
+            raise ValueError(f"got {video.shape[0]} videos for {b} outputs; pass one video or one per prompt")
+        video = video.expand(b, *video.shape[1:]).reshape(b * f, *video.shape[2:])  # (B*F, 3, H, W)
+        device = self.device
+        # as diffusers: the posterior sample, then the forward noise, both drawn frame-major (B*F, C, h, w)
+        self._activate(self.vae)
+        mean, logvar = self.vae.encode(video.to(device=device, dtype=self.vae.dtype))
+        posterior = _frame_major(b, tuple(mean.shape), generator, device, mean.dtype)
+        x0 = (mean + torch.exp(0.5 * logvar) * posterior).float() * self.vae.config.scaling_factor
+        noise = _frame_major(b, tuple(x0.shape), generator, device, dtype).float()
+        x = x0 if start >= steps else start_state(sampler, schedule, x0, noise, start)
+        self._activate(self.unet)
+        return x.view(b, f, c, h, w).permute(0, 2, 1, 3, 4), start
+
+
+def _frame_major(videos: int, shape: tuple[int, ...], generator, device: torch.device, dtype: torch.dtype):
+    """Noise (B*F, C, h, w); with one generator per video each video's frames come from its own generator."""
+    if isinstance(generator, list) and len(generator) > 1:
+        return torch.cat([randn((shape[0] // videos, *shape[1:]), g, device, dtype) for g in generator])
+    return randn(shape, generator, device, dtype)
+
+
+class VideoToVideoSDPipeline(VideoToVideoPipeline):
+    """diffusers' name: as VideoToVideoPipeline, with every frame through the UNet at once (no windows)."""
+
+    default_window_size = None

@@ -68,3 +68,45 @@ def test_bad_arguments_one_line_exit_2_no_output(tiny_checkpoint, tmp_path, args
     assert len(lines) == 1 and lines[0].startswith("vidfusion: error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_creative_flags(tiny_checkpoint, tmp_path):
+    result = run("generate", "a cat", "--model", str(tiny_checkpoint), "--frames", "6", "--steps", "2", "--seed", "1",
+                 "--keyframe", "3:a dog", "--loop", "--window-size", "4", "--window-stride", "2", "--noise-prior",
+                 "videofusion", "--base-noise-ratio", "0.3", "--freeu", "0.9", "0.2", "1.2", "1.4", "--num-videos",
+                 "2", "--out", str(tmp_path / "clip.mp4"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    paths = result.stdout.split()
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["clip-1.mp4", "clip-2.mp4"]
+    for path in paths:
+        with av.open(path) as c:
+            assert len(list(c.decode(c.streams.video[0]))) == 6
+
+
+def test_init_video_and_upscale(tiny_checkpoint, tmp_path):
+    src = tmp_path / "in.mp4"
+    assert run("generate", "a cat", "--model", str(tiny_checkpoint), "--frames", "4", "--steps", "2", "--fps", "6",
+               "--out", str(src), "--quiet").returncode == 0
+    result = run("generate", "a cat, oil painting", "--model", str(tiny_checkpoint), "--init-video", str(src),
+                 "--strength", "0.5", "--steps", "4", "--out", str(tmp_path / "v2v.mp4"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    result = run("upscale", str(src), "a cat", "--model", str(tiny_checkpoint), "--width", "32", "--height", "24",
+                 "--steps", "2", "--out", str(tmp_path / "up.mp4"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    with av.open(str(tmp_path / "up.mp4")) as c:
+        s = c.streams.video[0]
+        assert (s.width, s.height) == (32, 24) and len(list(c.decode(s))) == 4 and float(s.average_rate) == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keyframe", "x:dog"], "FRAME:PROMPT"),
+    (["--keyframe", "99:dog"], "keyframe"),
+    (["--init-video", "/nonexistent.mp4"], "does not exist"),
+    (["--window-size", "1", "--frames", "4"], "window_size"),
+    (["--noise-prior", "videofusion", "--base-noise-ratio", "2"], "base_noise_ratio"),
+])
+def test_creative_flag_errors(tiny_checkpoint, tmp_path, args, message):
+    result = run("generate", "a cat", "--model", str(tiny_checkpoint), "--steps", "1", "--frames", "4",
+                 "--out", str(tmp_path / "x.mp4"), *args)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "x.mp4").exists()

@@ -32,28 +32,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vidfusion", description="Text-to-video with ModelScope / Zeroscope checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    gen = sub.add_parser("generate", help="generate a video from a prompt")
+    gen = sub.add_parser("generate", help="generate a video from a prompt (or restyle one: --init-video)")
     gen.add_argument("prompt")
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
-    gen.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    gen.add_argument("--revision", default=None)
-    gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
-    gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    _add_generation_options(gen, SAMPLER_NAMES)
     gen.add_argument("--frames", type=int, default=16)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=9.0)
-    gen.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="default: the checkpoint's scheduler")
-    gen.add_argument("--eta", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--fps", type=int, default=8)
-    gen.add_argument("--out", default=None, help="output .mp4/.webm/.gif (default ./<prompt-slug>.mp4)")
-    gen.add_argument("--offload", choices=("none", "model", "sequential"), default="none")
-    gen.add_argument("--vae-slicing", action="store_true")
-    gen.add_argument("--vae-tiling", action="store_true")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--fps", type=int, default=None, help="default 8 (the input's with --init-video)")
+    gen.add_argument("--init-video", default=None, help="video-to-video: start from this video file")
+    gen.add_argument("--strength", type=float, default=0.6, help="with --init-video: 0 keeps it, 1 ignores it")
+    gen.add_argument("--keyframe", action="append", default=[], metavar="FRAME:PROMPT",
+                     help="prompt travel: the prompt from this frame on (the positional prompt is frame 0)")
+    gen.add_argument("--window-size", type=int, default=None, help="frames the UNet sees at once (default 16)")
+    gen.add_argument("--window-stride", type=int, default=None, help="default window-size / 4")
+    gen.add_argument("--loop", action="store_true", help="seamless loop: the last frame flows into the first")
+    gen.add_argument("--noise-prior", choices=("iid", "videofusion"), default="iid")
+    gen.add_argument("--base-noise-ratio", type=float, default=0.5, help="videofusion prior: shared noise share")
+    gen.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"))
+    gen.add_argument("--free-init-iterations", type=int, default=1)
+    gen.add_argument("--free-init-filter", choices=("gaussian", "butterworth", "ideal"), default="butterworth")
+    gen.add_argument("--num-videos", type=int, default=1, help="videos from this prompt (OUT-1.mp4, OUT-2.mp4, ...)")
+
+    up = sub.add_parser("upscale", help="resize a video, then refine it with video-to-video (Zeroscope XL recipe)")
+    up.add_argument("video")
+    up.add_argument("prompt")
+    _add_generation_options(up, SAMPLER_NAMES, model="cerspense/zeroscope_v2_XL")
+    up.add_argument("--width", type=int, default=1024)
+    up.add_argument("--height", type=int, default=576)
+    up.add_argument("--strength", type=float, default=0.6)
+    up.add_argument("--fps", type=int, default=None, help="default: the input's")
 
     srv = sub.add_parser("serve", help="HTTP jobs API and web UI")
     srv.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
@@ -78,6 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--fp16-variant", action="store_true", help="also write *.fp16.safetensors")
     return parser
+
+
+def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = DEFAULT_MODEL) -> None:
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--model", default=model, help="hub id or local checkpoint folder")
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=None, help="default 9 (15 for video-to-video)")
+    p.add_argument("--sampler", choices=samplers, default=None, help="default: the checkpoint's scheduler")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="output .mp4/.webm/.gif (default ./<prompt-slug>.mp4)")
+    p.add_argument("--offload", choices=("none", "model", "sequential"), default="none")
+    p.add_argument("--vae-slicing", action="store_true")
+    p.add_argument("--vae-tiling", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _device_and_dtype(device: str | None, dtype_name: str | None):
@@ -130,22 +156,21 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
 
-def _generate(args: argparse.Namespace) -> str:
-    import torch
+def _keyframes(prompt: str, specs: list[str]) -> dict[int, str] | str:
+    if not specs:
+        return prompt
+    keyframes = {0: prompt}
+    for spec in specs:
+        frame, sep, text = spec.partition(":")
+        if not sep or not frame.strip().isdigit() or not text.strip():
+            raise ValueError(f"--keyframe must look like FRAME:PROMPT (e.g. 24:a city at night), got {spec!r}")
+        keyframes[int(frame)] = text.strip()
+    return keyframes
 
-    from .pipeline import TextToVideoPipeline
-    from .video_io import CODECS, export_to_video
 
-    out = Path(args.out or f"{slugify(args.prompt)}.mp4")
-    if out.suffix.lower() not in CODECS:
-        raise ValueError(f"--out must end in one of {', '.join(CODECS)}, got '{out}'")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"output folder '{out.parent}' does not exist")
-    for name in ("frames", "steps", "fps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
+def _load(cls, args: argparse.Namespace):
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    pipe = TextToVideoPipeline.from_pretrained(args.model, dtype=dtype, variant=args.variant, revision=args.revision)
+    pipe = cls.from_pretrained(args.model, dtype=dtype, variant=args.variant, revision=args.revision)
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=args.device)
     elif args.offload == "sequential":
@@ -157,18 +182,58 @@ def _generate(args: argparse.Namespace) -> str:
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     pipe.set_progress_bar_config(disable=args.quiet)
+    return pipe
+
+
+def _generate(args: argparse.Namespace) -> list[str]:
+    import torch
+
+    from .pipeline import TextToVideoPipeline
+    from .video2video import VideoToVideoPipeline
+    from .video_io import CODECS, export_to_video, video_fps
+
+    upscale = args.command == "upscale"
+    init_video = args.video if upscale else args.init_video
+    out = Path(args.out or f"{slugify(args.prompt)}{'-upscaled' if upscale else ''}.mp4")
+    if out.suffix.lower() not in CODECS:
+        raise ValueError(f"--out must end in one of {', '.join(CODECS)}, got '{out}'")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"output folder '{out.parent}' does not exist")
+    if init_video is not None and not Path(init_video).is_file():
+        raise FileNotFoundError(f"input video '{init_video}' does not exist")
+    numbers = ["steps", "fps"] + ([] if upscale else ["frames", "num_videos"])
+    for name in numbers:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    fps = args.fps or (round(video_fps(init_video)) if init_video else 8)
+    options = dict(num_inference_steps=args.steps, sampler=args.sampler, eta=args.eta, height=args.height,
+                   width=args.width)
+    if args.guidance is not None:
+        options["guidance_scale"] = args.guidance
+    if not upscale:
+        options.update(window_size=args.window_size, window_stride=args.window_stride, loop=args.loop,
+                       noise_prior=args.noise_prior, base_noise_ratio=args.base_noise_ratio,
+                       freeu=tuple(args.freeu) if args.freeu else None, num_videos_per_prompt=args.num_videos)
+        if init_video is None:
+            options.update(num_frames=args.frames, free_init_iterations=args.free_init_iterations,
+                           free_init_filter=args.free_init_filter)
+    prompt = args.prompt if upscale else _keyframes(args.prompt, args.keyframe)
+    pipe = _load(VideoToVideoPipeline if init_video else TextToVideoPipeline, args)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    frames = pipe(args.prompt, args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, eta=args.eta,
-                  generator=generator).frames
-    return export_to_video(frames[0], out, fps=args.fps)
+    if init_video:
+        options.update(video=init_video, strength=args.strength)
+    frames = pipe(prompt, negative_prompt=args.negative_prompt, generator=generator, **options).frames
+    if len(frames) == 1:
+        return [export_to_video(frames[0], out, fps=fps)]
+    return [export_to_video(clip, out.with_name(f"{out.stem}-{i + 1}{out.suffix}"), fps=fps)
+            for i, clip in enumerate(frames)]
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "generate":
-            print(_generate(args))
+        if args.command in ("generate", "upscale"):
+            print("\n".join(_generate(args)))
         elif args.command == "serve":
             _serve(args)
         else:

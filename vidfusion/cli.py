@@ -104,6 +104,7 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
     p.add_argument("--vae-slicing", action="store_true")
     p.add_argument("--vae-tiling", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE blocks (GPU; slow 1st call)")
 
 
 def _device_and_dtype(device: str | None, dtype_name: str | None):
@@ -182,7 +183,7 @@ def _load(cls, args: argparse.Namespace):
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     pipe.set_progress_bar_config(disable=args.quiet)
-    return pipe
+    return pipe.compile() if args.compile else pipe
 
 
 def _generate(args: argparse.Namespace) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import loading
+from .layers import Downsample, ResnetBlock, Upsample
 from .long_video import check_keyframes, check_window, keyframe_weights, reschedule_noise, windowed
 from .noise import free_init_filter as free_init_filter_mask
 from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler
@@ -21,9 +22,12 @@ from .sampling import SAMPLERS
 from .schedulers import Scheduler, scheduler_from_checkpoint
 from .schedules import NoiseSchedule, resolve_sampler, sampler_options
 from .text_encoder import encode_text
+from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
 from .vae import approximate_rgb
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+# the repeated blocks that regional compilation compiles once each
+COMPILED_BLOCKS = (ResnetBlock, TemporalConvLayer, Transformer2D, TransformerTemporal, Upsample, Downsample)
 
 
 @dataclass
@@ -60,7 +64,7 @@ class TextToVideoPipeline:
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         variant: str | None = None, revision: str | None = None,
                         device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
-                        **unused: Any) -> TextToVideoPipeline:
+                        compile: bool = False, **unused: Any) -> TextToVideoPipeline:
         """Load a checkpoint folder in the diffusers layout or a hub id. `torch_dtype` is diffusers' name
         for `dtype`; other diffusers loading options are not supported and raise."""
         if unused:
@@ -84,7 +88,8 @@ class TextToVideoPipeline:
             tokenizer=loading.load_tokenizer(folder / "tokenizer"),
             scheduler=scheduler,
         )
-        return pipe.to(device) if device is not None else pipe
+        pipe = pipe.to(device) if device is not None else pipe
+        return pipe.compile() if compile else pipe
 
     def _models(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.unet, self.vae]
@@ -189,6 +194,23 @@ class TextToVideoPipeline:
             raise ValueError(f"sampler must be a name, got {type(sampler).__name__}")
         base, preset = resolve_sampler(sampler)
         return base, sampler_options(base, dict(self.scheduler.config), preset)
+
+    def compile(self, *, regional: bool = True, mode: str | None = None, backend: str = "inductor"
+                ) -> TextToVideoPipeline:
+        """Opt-in torch.compile of the UNet and the VAE decoder (the forward has no graph breaks). regional:
+        compile each repeated block class once and reuse it (compile time stays low; the first call of each new
+        shape compiles); otherwise the whole UNet forward as one full graph. mode="reduce-overhead" adds CUDA
+        graphs on GPU. Returns the pipeline."""
+        if self._sequential is not None:
+            raise ValueError("compile() does not combine with enable_sequential_cpu_offload(); use model offload")
+        if regional:
+            for model in (self.unet, self.vae.decoder):
+                for module in model.modules():
+                    if isinstance(module, COMPILED_BLOCKS):
+                        module.compile(fullgraph=True, mode=mode, backend=backend, dynamic=False)
+        else:
+            self.unet.compile(fullgraph=True, mode=mode, backend=backend, dynamic=False)
+        return self
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU on every following call (diffusers' enable_freeu); `freeu=` on a call overrides it."""

@@ -33,6 +33,9 @@ CASES = {
     # the real 1.7B shapes (GPU)
     "full-576": dict(unet={}, vae=None, clip=None, frames=24, height=320, width=576, steps=25),
     "full-256": dict(unet={}, vae=None, clip=None, frames=16, height=256, width=256, steps=25),
+    # the reference page's long clip: model offload + VAE slicing, peak CUDA memory is the figure
+    "full-256-64-offload": dict(unet={}, vae=None, clip=None, frames=64, height=256, width=256, steps=25,
+                                offload=True),
 }
 
 
@@ -66,7 +69,48 @@ def make_checkpoint(case: str, folder: Path) -> None:
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(PUBLISHED_SCHEDULER))
 
 
-def worker(lib: str, folder: str, case: str, device: str, dtype: str, repeats: int, out: str) -> None:
+def unet_tflops(lib: str, pipe, spec: dict, device: str, repeats: int) -> dict:
+    """UNet CFG forward alone (batch 2): FLOPs counted by torch.utils.flop_counter, median time, TFLOP/s."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = pipe.unet
+    dtype = next(unet.parameters()).dtype
+    h, w = spec["height"] // 8, spec["width"] // 8
+    x = torch.randn(2, 4, spec["frames"], h, w, device=device, dtype=dtype)
+    ctx = torch.randn(2, 77, 1024 if not spec["unet"] else spec["unet"]["cross_attention_dim"], device=device,
+                      dtype=dtype)
+    t = torch.tensor(500, device=device)
+
+    def forward():
+        if lib == "diffusers":
+            return unet(x, t, encoder_hidden_states=ctx).sample
+        return unet(x, t, ctx)
+
+    with torch.no_grad():
+        forward()
+        with FlopCounterMode(display=False) as counter:
+            forward()
+        flops = counter.get_total_flops()
+        times = []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            forward()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    result = {"times": times, "flops": flops, "tflops": flops / median / 1e12,
+              "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.startswith("cuda"):
+        result["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def worker(lib: str, folder: str, case: str, device: str, dtype: str, repeats: int, out: str,
+           compile_model: bool = False, unet_only: bool = False) -> None:
     import torch
 
     spec = CASES[case]
@@ -76,13 +120,28 @@ def worker(lib: str, folder: str, case: str, device: str, dtype: str, repeats: i
     if lib == "diffusers":
         from diffusers import DPMSolverMultistepScheduler, TextToVideoSDPipeline
 
-        pipe = TextToVideoSDPipeline.from_pretrained(folder, torch_dtype=torch_dtype).to(device)
+        pipe = TextToVideoSDPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     else:
-        from vidfusion import TextToVideoPipeline
+        from vidfusion import TextToVideoSDPipeline as Ours  # all frames at once, as diffusers
 
-        pipe = TextToVideoPipeline.from_pretrained(folder, dtype=torch_dtype, device=device)
+        pipe = Ours.from_pretrained(folder, dtype=torch_dtype)
         kwargs["sampler"] = "dpmpp-2m"
+    if spec.get("offload"):
+        pipe.enable_model_cpu_offload()
+        pipe.vae.enable_slicing()
+    else:
+        pipe.to(device)
+    compile_s = None
+    if compile_model and lib == "vidfusion":
+        pipe.compile()
+    if unet_only:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        result = unet_tflops(lib, pipe, spec, device, repeats)
+        Path(out + ".json").write_text(json.dumps(result))
+        np.save(out + ".npy", np.zeros(1, np.float32))
+        return
     pipe.set_progress_bar_config(disable=True)
     times, frames = [], None
 
@@ -92,14 +151,17 @@ def worker(lib: str, folder: str, case: str, device: str, dtype: str, repeats: i
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    for i in range(repeats + 1):  # first run is warm-up
+    for i in range(repeats + 1):  # first run is warm-up (and, with --compile, the compilation)
         sync()
         start = time.perf_counter()
         frames = pipe("a cat is surfing", generator=torch.Generator().manual_seed(0), **kwargs).frames
         sync()
         if i:
             times.append(time.perf_counter() - start)
-    result = {"times": times, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        else:
+            compile_s = time.perf_counter() - start
+    result = {"times": times, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "first_call_s": compile_s}
     if device.startswith("cuda"):
         result["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     np.save(out + ".npy", np.asarray(frames, dtype=np.float32))
@@ -136,12 +198,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="reuse a checkpoint folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="vidfusion with pipe.compile(); first call reported")
+    parser.add_argument("--unet-only", action="store_true", help="UNet CFG forward: TFLOP/s (flop_counter)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        worker(args.worker, args.checkpoint, args.case, args.device, args.dtype, args.repeats, args.out)
+        worker(args.worker, args.checkpoint, args.case, args.device, args.dtype, args.repeats, args.out,
+               args.compile, args.unet_only)
         return
     tmp = tempfile.mkdtemp(prefix="vidfusion-bench-")
     folder = Path(args.checkpoint or os.path.join(tmp, "ckpt"))
@@ -156,6 +221,7 @@ def main() -> None:
             out = os.path.join(tmp, f"{lib}-{r}")
             cmd = [sys.executable, __file__, "--worker", lib, "--checkpoint", str(folder), "--case", args.case,
                    "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats), "--out", out]
+            cmd += ["--compile"] * args.compile + ["--unet-only"] * args.unet_only
             subprocess.run(cmd, check=True)
             runs[lib].append({**json.loads(Path(out + ".json").read_text()), "frames": np.load(out + ".npy")})
     summary = {"case": args.case, "device": args.device, "dtype": args.dtype}
@@ -164,6 +230,9 @@ def main() -> None:
             "median_s": statistics.median(t for r in results for t in r["times"]),
             "max_rss_gib": max(r["max_rss_gib"] for r in results),
             **({"cuda_peak_gib": max(r["cuda_peak_gib"] for r in results)} if "cuda_peak_gib" in results[0] else {}),
+            **({"tflops": statistics.median(r["tflops"] for r in results), "gflop": results[0]["flops"] / 1e9}
+               if "tflops" in results[0] else {}),
+            **({"first_call_s": results[0]["first_call_s"]} if results[0].get("first_call_s") else {}),
         }
     summary["speedup"] = summary["diffusers"]["median_s"] / summary["vidfusion"]["median_s"]
     summary["max_abs_diff"] = float(np.abs(runs["diffusers"][0]["frames"] - runs["vidfusion"][0]["frames"]).max())
@@ -174,7 +243,10 @@ def main() -> None:
     for lib in ("diffusers", "vidfusion"):
         s = summary[lib]
         mem = f"  peak CUDA {s['cuda_peak_gib']:.2f} GiB" if "cuda_peak_gib" in s else ""
-        print(f"  {lib:10s} median {s['median_s']:.3f} s   max RSS {s['max_rss_gib']:.2f} GiB{mem}")
+        rss = f"   max RSS {s['max_rss_gib']:.2f} GiB" if "max_rss_gib" in s else ""
+        flops = f"  {s['gflop']:.0f} GFLOP  {s['tflops']:.1f} TFLOP/s" if "tflops" in s else ""
+        first = f"  first call {s['first_call_s']:.1f} s" if "first_call_s" in s else ""
+        print(f"  {lib:10s} median {s['median_s']:.3f} s{rss}{mem}{flops}{first}")
     print(f"  speedup {summary['speedup']:.2f}x   max |frame diff| {summary['max_abs_diff']:.2e}")
 
 

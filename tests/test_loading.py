@@ -191,3 +191,36 @@ def test_hub_id_without_network_says_how_to_use_a_folder(monkeypatch, tmp_path):
 def test_dtype_must_be_a_float_dtype(tiny_checkpoint):
     with pytest.raises(ValueError, match="floating torch dtype"):
         TextToVideoPipeline.from_pretrained(tiny_checkpoint, dtype=torch.int8)
+
+
+def test_hub_download_list_takes_only_what_the_variant_needs():
+    from vidfusion.loading import wanted_hub_files
+
+    files = ["model_index.json", "README.md", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+             "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "text_encoder/config.json",
+             "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors", "text_encoder/pytorch_model.bin",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+             "vae/diffusion_pytorch_model.fp16.safetensors",
+             "unet/config.json", "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+             "unet/diffusion_pytorch_model.safetensors.index.json",
+             "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+             "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+             "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+             "unet/diffusion_pytorch_model-00002-of-00002.safetensors"]
+    indexes = []
+
+    def read_index(name):
+        indexes.append(name)
+        stem = "diffusion_pytorch_model.fp16" if ".fp16." in name else "diffusion_pytorch_model"
+        return {"weight_map": {f"w{i}": f"{stem}-0000{i % 2 + 1}-of-00002.safetensors" for i in range(4)}}
+
+    fp16 = wanted_hub_files(files, "fp16", "org/repo", read_index)
+    assert "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors" in fp16
+    assert "unet/diffusion_pytorch_model-00001-of-00002.safetensors" not in fp16
+    assert "text_encoder/model.fp16.safetensors" in fp16 and "text_encoder/model.safetensors" not in fp16
+    assert "README.md" not in fp16 and "text_encoder/pytorch_model.bin" not in fp16
+    assert indexes == ["unet/diffusion_pytorch_model.safetensors.index.fp16.json"]
+    full = wanted_hub_files(files, None, "org/repo", read_index)
+    assert "unet/diffusion_pytorch_model-00002-of-00002.safetensors" in full
+    assert not any(".fp16." in f for f in full)
+    assert {"tokenizer/vocab.json", "scheduler/scheduler_config.json", "model_index.json"} <= set(full)

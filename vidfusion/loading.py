@@ -80,7 +80,7 @@ def choose_weight_files(names: list[str], variant: str | None, where: str) -> li
 
 def _hub_files(repo_id: str, variant: str | None, revision: str | None) -> Path:
     """Download just what a pipeline needs from the Hub into huggingface_hub's cache; return the folder."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision)
@@ -93,6 +93,17 @@ def _hub_files(repo_id: str, variant: str | None, revision: str | None) -> Path:
                 "Without network access, download the checkpoint elsewhere (huggingface-cli download "
                 f"{repo_id}) and pass its local folder, e.g. from_pretrained('/path/to/text-to-video-ms-1.7b')"
             ) from None
+    def read_index(name: str) -> dict[str, Any]:
+        return read_json(Path(hf_hub_download(repo_id, name, revision=revision)))
+
+    wanted = wanted_hub_files(files, variant, repo_id, read_index)
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+
+
+def wanted_hub_files(files: list[str], variant: str | None, repo_id: str,
+                     read_index: Callable[[str], dict[str, Any]]) -> list[str]:
+    """The repo files a pipeline needs: model_index, configs, tokenizer files and the chosen weights of each
+    component; for a sharded checkpoint the shards its index names (`read_index(path)` fetches an index)."""
     wanted = ["model_index.json"]
     for comp in COMPONENTS:
         names = [f.split("/", 1)[1] for f in files if f.startswith(comp + "/") and f.count("/") == 1]
@@ -100,12 +111,10 @@ def _hub_files(repo_id: str, variant: str | None, revision: str | None) -> Path:
         if comp in WEIGHT_NAMES and names:
             chosen = choose_weight_files(names, variant, f"{repo_id}/{comp}")
             wanted += [f"{comp}/{n}" for n in chosen]
-            if chosen[0].endswith(".json"):  # shards of a variant share its suffix; take all shards of that kind
-                kind = ".safetensors" if ".safetensors" in chosen[0] else ".bin"
-                suffix = f".{variant}{kind}" if _file_variant(chosen[0]) else kind
-                wanted += [f"{comp}/{n}" for n in names if "-of-" in n and n.endswith(suffix)
-                           and (_file_variant(n) == _file_variant(chosen[0]))]
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+            if chosen[0].endswith(".json"):
+                weight_map = read_index(f"{comp}/{chosen[0]}").get("weight_map", {})
+                wanted += sorted({f"{comp}/{shard}" for shard in weight_map.values()})
+    return wanted
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike, variant: str | None = None,

@@ -193,3 +193,15 @@ def test_batches_equal_videos_made_one_by_one(ours):
         ours(["a fox", "a dog"], num_videos_per_prompt=2, generator=[gen(0)] * 3, **args)
     with pytest.raises(ValueError, match="num_videos_per_prompt"):
         ours("a fox", num_videos_per_prompt=0, **args)
+
+
+def test_one_negative_prompt_for_every_prompt(ours):
+    args = {k: v for k, v in BASE.items() if k != "prompt"}
+    both = ours(["a fox", "a dog"], "blurry", generator=[gen(0), gen(1)], output_type="latent", **args).frames
+    listed = ours(["a fox", "a dog"], ["blurry", "blurry"], generator=[gen(0), gen(1)], output_type="latent",
+                  **args).frames
+    assert torch.equal(both, listed)
+    travel = ours({0: "a fox", 2: "a dog"}, "blurry", generator=gen(), output_type="latent", **args).frames
+    assert travel.shape == (1, 4, 3, 16, 16)
+    with pytest.raises(ValueError, match="entries"):
+        ours(["a fox", "a dog"], ["blurry"], **args)

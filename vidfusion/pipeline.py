@@ -276,7 +276,7 @@ class TextToVideoPipeline:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         window_size = window_size or self.default_window_size or max(num_frames, 2)
         stride = check_window(num_frames, window_size, window_stride, loop)
-        if keyframes and (negatives is not None and len(negatives) != 1 or prompt_embeds is not None):
+        if keyframes and (not isinstance(negative_prompt, (str, type(None))) or prompt_embeds is not None):
             raise ValueError("with a keyframe prompt dict pass one negative_prompt string and no prompt_embeds")
         freeu = self._freeu if freeu is None else _check_freeu(freeu)
         low_pass = None
@@ -291,7 +291,8 @@ class TextToVideoPipeline:
 
         # 1. text, once per generation: [uncond; cond] with guidance; per frame (N*F, 77, D) for prompt travel
         if keyframes:
-            context = self._travel_context(keyframes, negatives, num_frames, num_videos_per_prompt, guidance,
+            negative = negatives[:1] if negatives else None
+            context = self._travel_context(keyframes, negative, num_frames, num_videos_per_prompt, guidance,
                                            clip_skip)
             batch = num_videos_per_prompt
         else:
@@ -453,11 +454,10 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
     if negative_prompt is not None:
         if negative_prompt_embeds is not None:
             raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
-        negatives = _as_list(negative_prompt, "negative_prompt")
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        if len(negatives) == 1 and batch > 1 and isinstance(negative_prompt, str):
-            if prompts is not None:
-                raise ValueError("negative_prompt must be a list when prompt is a list (one per prompt)")
+        negatives = _as_list(negative_prompt, "negative_prompt")
+        if isinstance(negative_prompt, str):
+            negatives = negatives * batch  # one negative prompt for every prompt
         if len(negatives) != batch:
             raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {batch} prompts")
     for name, value in (("num_frames", num_frames), ("height", height), ("width", width),

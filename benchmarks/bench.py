@@ -236,6 +236,15 @@ def main() -> None:
         }
     summary["speedup"] = summary["diffusers"]["median_s"] / summary["vidfusion"]["median_s"]
     summary["max_abs_diff"] = float(np.abs(runs["diffusers"][0]["frames"] - runs["vidfusion"][0]["frames"]).max())
+    if args.dtype != "float32" and not args.unet_only:  # half precision: PSNR of each library against float32
+        out = os.path.join(tmp, "vidfusion-fp32")
+        subprocess.run([sys.executable, __file__, "--worker", "vidfusion", "--checkpoint", str(folder), "--case",
+                        args.case, "--device", args.device, "--dtype", "float32", "--repeats", "0", "--out", out],
+                       check=True)
+        reference = np.load(out + ".npy")
+        for lib in runs:
+            mse = float(np.mean((runs[lib][0]["frames"] - reference) ** 2))
+            summary[lib]["psnr_vs_fp32_db"] = 10 * np.log10(1 / max(mse, 1e-20))
     if args.json:
         print(json.dumps(summary))
         return
@@ -246,6 +255,7 @@ def main() -> None:
         rss = f"   max RSS {s['max_rss_gib']:.2f} GiB" if "max_rss_gib" in s else ""
         flops = f"  {s['gflop']:.0f} GFLOP  {s['tflops']:.1f} TFLOP/s" if "tflops" in s else ""
         first = f"  first call {s['first_call_s']:.1f} s" if "first_call_s" in s else ""
+        first += f"  PSNR vs fp32 {s['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in s else ""
         print(f"  {lib:10s} median {s['median_s']:.3f} s{rss}{mem}{flops}{first}")
     print(f"  speedup {summary['speedup']:.2f}x   max |frame diff| {summary['max_abs_diff']:.2e}")
 

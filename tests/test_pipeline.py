@@ -115,3 +115,15 @@ def test_list_of_generators_gives_each_video_its_own_seed(ours):
                 **kw).frames
     single = ours("a dog", generator=torch.Generator().manual_seed(2), **kw).frames
     torch.testing.assert_close(pair[1:], single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_stays_close_to_float32(tiny_checkpoint, ours, dtype):
+    kwargs = dict(prompt="a cat", num_frames=4, height=32, width=32, num_inference_steps=5)
+    full = ours(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    half = TextToVideoPipeline.from_pretrained(tiny_checkpoint, dtype=dtype)
+    half.set_progress_bar_config(disable=True)
+    frames = half(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert frames.dtype == np.float32 and np.isfinite(frames).all()
+    psnr = 10 * np.log10(1 / np.mean((frames - full) ** 2))
+    assert psnr > 40, psnr  # measured: bf16 59 dB, fp16 77 dB (samplers run in float32)

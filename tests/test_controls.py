@@ -88,6 +88,8 @@ def test_long_video_runs_the_unet_on_windows_only(ours):
         ours("x", num_frames=20, window_size=8, window_stride=9)
     with pytest.raises(ValueError, match="window_size"):
         ours("x", num_frames=20, window_size=1)
+    with pytest.raises(ValueError, match="larger than num_frames"):
+        ours("x", num_frames=8, window_size=16)
 
 
 RSS_SCRIPT = """

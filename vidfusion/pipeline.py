@@ -274,6 +274,9 @@ class TextToVideoPipeline:
                             ("free_init_iterations", free_init_iterations)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if window_size is not None and isinstance(window_size, int) and window_size > num_frames and not loop:
+            raise ValueError(f"window_size={window_size} is larger than num_frames={num_frames}; leave it out for "
+                             "clips no longer than the training length")
         window_size = window_size or self.default_window_size or max(num_frames, 2)
         stride = check_window(num_frames, window_size, window_stride, loop)
         if keyframes and (not isinstance(negative_prompt, (str, type(None))) or prompt_embeds is not None):

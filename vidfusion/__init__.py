@@ -13,6 +13,7 @@ from .schedulers import (
     UniPCMultistepScheduler,
 )
 from .schedules import SAMPLER_NAMES
+from .vae import approximate_rgb as preview
 from .video2video import VideoToVideoPipeline, VideoToVideoSDPipeline
 from .video_io import export_to_video, read_video
 
@@ -37,5 +38,6 @@ __all__ = [
     "VideoToVideoPipeline",
     "VideoToVideoSDPipeline",
     "export_to_video",
+    "preview",
     "read_video",
 ]

@@ -55,8 +55,11 @@ def resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class VideoToVideoPipeline(TextToVideoPipeline):
-    """Restyle or upscale a video with a prompt (diffusers' VideoToVideoSDPipeline; the Zeroscope XL recipe)."""
+    """Restyle or upscale a video with a prompt (diffusers' VideoToVideoSDPipeline; the Zeroscope XL recipe).
+    All frames go through the UNet at once, as in diffusers; pass window_size for inputs longer than the model's
+    training length."""
 
+    default_window_size = None
     _init_video: torch.Tensor | None = None
     _strength: float = 0.6
 
@@ -126,6 +129,4 @@ def _frame_major(videos: int, shape: tuple[int, ...], generator, device: torch.d
 
 
 class VideoToVideoSDPipeline(VideoToVideoPipeline):
-    """diffusers' name: as VideoToVideoPipeline, with every frame through the UNet at once (no windows)."""
-
-    default_window_size = None
+    """diffusers' name, so that scripts switch by changing their imports."""

@@ -221,3 +221,19 @@ def test_kill_9_mid_job_then_restart_loses_and_duplicates_nothing(tiny_checkpoin
         assert videos == sorted(f"{i}.mp4" for i in ids)  # one file per job, no temp files left
     finally:
         srv.stop()
+
+
+def test_two_workers_share_the_queue_without_running_a_job_twice(tiny_checkpoint, tmp_path):
+    srv = Server(tiny_checkpoint, tmp_path / "data", "--device", "cpu", "--device", "cpu", "--log-level", "info")
+    srv.start()
+    try:
+        with srv.client() as c:
+            assert len(c.get("/healthz").json()["workers"]) == 2
+            ids = [c.post("/v1/videos", json={**SMALL, "prompt": f"p{i}"}).json()["id"] for i in range(12)]
+            assert all(wait_for(c, i)["status"] == "succeeded" for i in ids)
+    finally:
+        srv.stop()
+    log = srv.log.read_text()
+    assert all(log.count(f"job {i}: running") == 1 for i in ids)
+    with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:
+        assert db.execute("SELECT MAX(attempts) FROM jobs").fetchone()[0] == 1

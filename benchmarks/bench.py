@@ -70,6 +70,13 @@ def make_checkpoint(case: str, folder: Path) -> None:
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(PUBLISHED_SCHEDULER))
 
 
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def unet_tflops(lib: str, pipe, spec: dict, device: str, repeats: int) -> dict:
     """UNet CFG forward alone (batch 2): FLOPs counted by torch.utils.flop_counter, median time, TFLOP/s."""
     import torch
@@ -95,12 +102,10 @@ def unet_tflops(lib: str, pipe, spec: dict, device: str, repeats: int) -> dict:
         flops = counter.get_total_flops()
         times = []
         for _ in range(repeats):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
             forward()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(device)
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     result = {"times": times, "flops": flops, "tflops": flops / median / 1e12,
@@ -148,17 +153,13 @@ def worker(lib: str, folder: str, case: str, device: str, dtype: str, repeats: i
     pipe.set_progress_bar_config(disable=True)
     times, frames = [], None
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for i in range(repeats + 1):  # first run is warm-up (and, with --compile, the compilation)
-        sync()
+        _sync(device)
         start = time.perf_counter()
         frames = pipe("a cat is surfing", generator=torch.Generator().manual_seed(0), **kwargs).frames
-        sync()
+        _sync(device)
         if i:
             times.append(time.perf_counter() - start)
         else:

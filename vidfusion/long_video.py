@@ -25,7 +25,7 @@ def check_window(num_frames: int, window_size: int, window_stride: int | None, l
         raise ValueError(f"window_stride must be an integer in [1, window_size={window_size}], got {window_stride!r}")
     if loop and num_frames < 2:
         raise ValueError("loop=True needs at least 2 frames")
-    return max(stride, 1)
+    return stride
 
 
 def frame_windows(num_frames: int, size: int, stride: int, loop: bool, call: int = 0) -> list[list[int]] | None:

@@ -29,19 +29,23 @@ def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dt
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
+def frame_major_noise(shape: tuple[int, ...], generator: Generator, device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Noise (B, F, C, H, W) drawn as diffusers draws it for a (B*F, C, H, W) batch of frames; with one
+    generator per video, each video draws its own frames from its own generator."""
+    b, f, c, h, w = shape
+    if isinstance(generator, list) and len(generator) > 1:
+        return torch.stack([randn((f, c, h, w), g, device, dtype) for g in generator])
+    return randn((b * f, c, h, w), generator, device, dtype).view(b, f, c, h, w)
+
+
 def video_noise_sampler(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype):
     """Ancestral noise for latents (B, C, F, H, W). diffusers steps its scheduler on (B*F, C, H, W), so the
-    noise is drawn frame-major and then laid out as (B, C, F, H, W). With one generator per video, each
-    video draws its own frames from its own generator."""
+    noise is drawn frame-major and then laid out as (B, C, F, H, W)."""
     b, c, f, h, w = shape
 
     def draw() -> torch.Tensor:
-        if isinstance(generator, list) and len(generator) > 1:
-            parts = [randn((f, c, h, w), g, device, dtype) for g in generator]
-            noise = torch.stack(parts)
-        else:
-            noise = randn((b * f, c, h, w), generator, device, dtype).view(b, f, c, h, w)
-        return noise.permute(0, 2, 1, 3, 4).float()
+        return frame_major_noise((b, f, c, h, w), generator, device, dtype).permute(0, 2, 1, 3, 4).float()
 
     return draw
 

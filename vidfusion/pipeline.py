@@ -270,10 +270,7 @@ class TextToVideoPipeline:
         prompts, negatives = _check_inputs(keyframes[1] if keyframes else prompt, negative_prompt, prompt_embeds,
                                            negative_prompt_embeds, num_frames, height, width, num_inference_steps,
                                            guidance_scale, eta, output_type, callback_steps)
-        for name, value in (("num_videos_per_prompt", num_videos_per_prompt),
-                            ("free_init_iterations", free_init_iterations)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive_ints(num_videos_per_prompt=num_videos_per_prompt, free_init_iterations=free_init_iterations)
         if window_size is not None and isinstance(window_size, int) and window_size > num_frames and not loop:
             raise ValueError(f"window_size={window_size} is larger than num_frames={num_frames}; leave it out for "
                              "clips no longer than the training length")
@@ -446,6 +443,12 @@ def _as_list(value: str | list[str], name: str) -> list[str]:
     raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
 
 
+def _check_positive_ints(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, height, width,
                   steps, guidance_scale, eta, output_type, callback_steps):
     if prompt is None and prompt_embeds is None:
@@ -463,10 +466,8 @@ def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
             negatives = negatives * batch  # one negative prompt for every prompt
         if len(negatives) != batch:
             raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {batch} prompts")
-    for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
-                        ("num_inference_steps", steps), ("callback_steps", callback_steps)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_positive_ints(num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+                         callback_steps=callback_steps)
     if height % 8 or width % 8:
         raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
     if not isinstance(guidance_scale, (int, float)):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .noise import randn
+from .noise import frame_major_noise
 from .pipeline import TextToVideoOutput, TextToVideoPipeline
 from .sampling import start_state
 from .schedules import NoiseSchedule
@@ -113,19 +113,13 @@ class VideoToVideoPipeline(TextToVideoPipeline):
         # as diffusers: the posterior sample, then the forward noise, both drawn frame-major (B*F, C, h, w)
         self._activate(self.vae)
         mean, logvar = self.vae.encode(video.to(device=device, dtype=self.vae.dtype))
-        posterior = _frame_major(b, tuple(mean.shape), generator, device, mean.dtype)
+        frames_shape = (b, f, c, h, w)
+        posterior = frame_major_noise(frames_shape, generator, device, mean.dtype).view(mean.shape)
         x0 = (mean + torch.exp(0.5 * logvar) * posterior).float() * self.vae.config.scaling_factor
-        noise = _frame_major(b, tuple(x0.shape), generator, device, dtype).float()
+        noise = frame_major_noise(frames_shape, generator, device, dtype).view(x0.shape).float()
         x = x0 if start >= steps else start_state(sampler, schedule, x0, noise, start)
         self._activate(self.unet)
         return x.view(b, f, c, h, w).permute(0, 2, 1, 3, 4), start
-
-
-def _frame_major(videos: int, shape: tuple[int, ...], generator, device: torch.device, dtype: torch.dtype):
-    """Noise (B*F, C, h, w); with one generator per video each video's frames come from its own generator."""
-    if isinstance(generator, list) and len(generator) > 1:
-        return torch.cat([randn((shape[0] // videos, *shape[1:]), g, device, dtype) for g in generator])
-    return randn(shape, generator, device, dtype)
 
 
 class VideoToVideoSDPipeline(VideoToVideoPipeline):

@@ -134,8 +134,7 @@ class JobStore:
                                 f"Idempotency-Key {idempotency_key!r} was used for job {job.id} with other parameters")
                         return job, False
                 if max_queue is not None:
-                    pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)",
-                                               (QUEUED, RUNNING)).fetchone()[0]
+                    pending = self._pending_locked()
                     if pending >= max_queue:
                         raise QueueFullError(f"{pending} jobs are waiting or running (limit {max_queue})")
                 job_id = uuid.uuid4().hex
@@ -180,11 +179,13 @@ class JobStore:
             self._notify()
         return None if row is None else _job(row)
 
-    def progress(self, job_id: str, step: int, total: int) -> None:
+    def progress(self, job_id: str, step: int, total: int) -> bool:
+        """Record a running job's step. False when it is no longer running (cancelled meanwhile)."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET step = ?, total = ? WHERE id = ? AND status = ?",
-                             (step, total, job_id, RUNNING))
+            cur = self._db.execute("UPDATE jobs SET step = ?, total = ? WHERE id = ? AND status = ?",
+                                   (step, total, job_id, RUNNING))
         self._notify()
+        return cur.rowcount == 1
 
     def finish(self, job_id: str, status: str, error: str | None = None) -> bool:
         """Running -> a final status. False when the job was no longer running (cancelled meanwhile)."""
@@ -210,8 +211,12 @@ class JobStore:
         return None if row is None else row[0]
 
     def pending(self) -> int:
+        """Jobs queued or running."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (QUEUED, RUNNING)).fetchone()[0]
+            return self._pending_locked()
+
+    def _pending_locked(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (QUEUED, RUNNING)).fetchone()[0]
 
 
 def _job(row: sqlite3.Row) -> Job:

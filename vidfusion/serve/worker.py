@@ -41,11 +41,10 @@ class Worker(threading.Thread):
 
     def run_job(self, job_id: str, params: dict[str, Any]) -> None:
         total = params["num_inference_steps"]
-        self.store.progress(job_id, 0, total)
 
         def on_step(step: int, timestep: torch.Tensor, latents: torch.Tensor) -> None:
-            self.store.progress(job_id, step + 1, total)
-            if self._stop_event.is_set() or self.store.status_of(job_id) != RUNNING:
+            still_running = self.store.progress(job_id, step + 1, total)
+            if self._stop_event.is_set() or not still_running:
                 raise JobCancelled
 
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidfusion import TextToVideoPipeline
+from vidfusion import TextToVideoPipeline, layers
 
 
 @pytest.fixture
@@ -17,7 +17,10 @@ def fresh(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("freeu", [None, (0.9, 0.2, 1.2, 1.4)])
-def test_unet_forward_is_one_graph(fresh, freeu):
+@pytest.mark.parametrize("gpu_norms", [False, True])
+def test_unet_forward_is_one_graph(fresh, freeu, gpu_norms, monkeypatch):
+    if gpu_norms:  # the layout-keeping GroupNorm that CUDA uses
+        monkeypatch.setattr(layers, "keeps_channels_last", lambda device: False)
     unet = fresh.unet
     unet.freeu = freeu
     args = (torch.randn(2, 4, 3, 8, 8), torch.tensor(500), torch.randn(2, 77, 32))

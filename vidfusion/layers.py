@@ -39,8 +39,36 @@ def group_norm_cl(norm: nn.GroupNorm, x: torch.Tensor, batch_dims: int) -> torch
     """GroupNorm of a channels-last tensor; statistics per index of the first `batch_dims` dims."""
     n = math.prod(x.shape[:batch_dims])
     c = x.shape[-1]
+    if not keeps_channels_last(x.device):
+        return group_norm_channels_last(x.reshape(n, -1, c), norm.num_groups, norm.weight, norm.bias,
+                                        norm.eps).view(x.shape)
     y = F.group_norm(x.reshape(n, -1, 1, c).permute(0, 3, 1, 2), norm.num_groups, norm.weight, norm.bias, norm.eps)
     return y.permute(0, 2, 3, 1).reshape(x.shape)
+
+
+def keeps_channels_last(device: torch.device) -> bool:
+    """Whether torch's GroupNorm kernel works on channels-last input in place. On CUDA (torch <= 2.12 at least)
+    F.group_norm makes the input NCHW-contiguous and returns NCHW: two full copies per norm."""
+    return device.type == "cpu"
+
+
+def group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                             eps: float) -> torch.Tensor:
+    """GroupNorm of x (N, L, C) over (L, C/groups), without changing the layout: statistics in float32, then one
+    fused pass y = x * scale + shift with per-(N, C) float32 scale and shift, written in x's dtype."""
+    n, length, c = x.shape
+    grouped = x.view(n, length, groups, c // groups)
+    if x.dtype == torch.float32:
+        var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)  # (N, G)
+    else:  # float32 accumulation without a float32 copy of x
+        count = length * (c // groups)
+        mean = grouped.sum(dim=(1, 3), dtype=torch.float32) / count
+        mean_sq = torch.linalg.vector_norm(grouped, dim=(1, 3), dtype=torch.float32).square() / count
+        var = (mean_sq - mean.square()).clamp_min(0)
+    scale = torch.rsqrt(var + eps).unsqueeze(-1) * weight.float().view(groups, -1)  # (N, G, C/G)
+    shift = bias.float().view(groups, -1) - mean.unsqueeze(-1) * scale
+    out = torch.empty_like(x)
+    return torch.addcmul(shift.view(n, 1, c), x, scale.view(n, 1, c), out=out)
 
 
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
@@ -49,22 +77,25 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, batch_dims: int) -> tor
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head attention. q (N, L, heads*d), k/v (N, S, heads*d) -> (N, L, heads*d)."""
-    n, length, inner = q.shape
+    """Multi-head attention over dim 1. q (N, L, [P,] heads*d), k/v (N, S, [P,] heads*d) -> q's shape.
+    With P, each of the P positions is its own sequence (temporal attention over frames at every pixel of a
+    (B, F, H*W, C) tensor): the positions become extra heads of a strided view, so nothing is transposed."""
+    shape = q.shape
+    if q.dim() == 3:
+        q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
+    n, length, positions, inner = q.shape
     d = inner // heads
-    q = q.view(n, length, heads, d).transpose(1, 2)
-    k = k.view(n, k.shape[1], heads, d).transpose(1, 2)
-    v = v.view(n, v.shape[1], heads, d).transpose(1, 2)
-    if n <= SDPA_MAX_BATCH:
+    q, k, v = (t.reshape(n, t.shape[1], -1, d).transpose(1, 2) for t in (q, k, v))  # (N, P*heads, L, d)
+    if n <= SDPA_MAX_BATCH and q.shape[1] <= SDPA_MAX_BATCH:
         out = F.scaled_dot_product_attention(q, k, v)
-    else:
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(qc, kc, vc)
-                for qc, kc, vc in zip(q.split(SDPA_MAX_BATCH), k.split(SDPA_MAX_BATCH), v.split(SDPA_MAX_BATCH))
-            ]
-        )
-    return out.transpose(1, 2).reshape(n, length, inner)
+    else:  # both grid dims of the fused kernels are limited
+        out = torch.cat([
+            torch.cat([F.scaled_dot_product_attention(qh, kh, vh) for qh, kh, vh in
+                       zip(qn.split(SDPA_MAX_BATCH, 1), kn.split(SDPA_MAX_BATCH, 1), vn.split(SDPA_MAX_BATCH, 1))],
+                      dim=1)
+            for qn, kn, vn in zip(q.split(SDPA_MAX_BATCH), k.split(SDPA_MAX_BATCH), v.split(SDPA_MAX_BATCH))
+        ])
+    return out.transpose(1, 2).reshape(shape)
 
 
 class Attention(nn.Module):
@@ -78,7 +109,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x (N, L, C); context (N, S, Cc) or None for self-attention
+        # x (N, L, [P,] C); context (N, S, Cc) or None for self-attention
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
         return self.to_out[0](out)
@@ -118,7 +149,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x (N, L, D). With cross-attention, context is (B, S, Dc) where N = B * frames: all frames of one
+        # x (N, L, [P,] D). With cross-attention, context is (B, S, Dc) where N = B * frames: all frames of one
         # video attend to the same text, so they form one long query sequence (no per-frame copies of the text).
         x = x + self.attn1(self.norm1(x))
         h = self.norm2(x)

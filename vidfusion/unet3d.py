@@ -61,13 +61,12 @@ class TransformerTemporal(nn.Module):
         self.proj_out = nn.Linear(inner, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, F, H, W, C); attention runs over F for each pixel on a strided (B, F, H*W, inner) view: no permutes
         b, f, h, w, c = x.shape
-        y = group_norm_cl(self.norm, x, batch_dims=1)
-        y = self.proj_in(y.permute(0, 2, 3, 1, 4).reshape(b * h * w, f, c))  # (B*H*W, F, inner)
+        y = self.proj_in(group_norm_cl(self.norm, x, batch_dims=1).view(b, f, h * w, c))  # (B, F, H*W, inner)
         for block in self.transformer_blocks:
             y = block(y)
-        y = self.proj_out(y).view(b, h, w, f, c).permute(0, 3, 1, 2, 4)
-        return x + y
+        return x + self.proj_out(y).view(b, f, h, w, c)
 
 
 class Transformer2D(nn.Module):

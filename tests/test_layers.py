@@ -1,0 +1,58 @@
+"""Building blocks against plain references: the layout-keeping GroupNorm and the strided temporal attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vidfusion import layers
+from vidfusion.layers import attention, group_norm_channels_last
+
+from .test_parity import BASE, assert_latents_close, run_ours, run_reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layout_keeping_group_norm_matches_torch(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 500, 64) * 2 + 5).to(dtype)  # a mean offset, as activations have
+    weight, bias = torch.randn(64).to(dtype), torch.randn(64).to(dtype)
+    exact = F.group_norm(x.double().transpose(1, 2), 8, weight.double(), bias.double(), 1e-5).transpose(1, 2)
+    native = F.group_norm(x.transpose(1, 2), 8, weight, bias, 1e-5).transpose(1, 2)
+    got = group_norm_channels_last(x, 8, weight, bias, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+    native_error = (native.double() - exact).abs().max().item()
+    error = (got.double() - exact).abs().max().item()
+    assert error <= max(2e-6, 1.01 * native_error), (error, native_error)
+
+
+def test_the_gpu_group_norm_path_keeps_diffusers_parity(reference, ours, monkeypatch):
+    # on CUDA group_norm_cl uses group_norm_channels_last for every norm of the UNet and the VAE; force it here
+    expected_latents = run_reference(reference, "dpmpp-2m", output_type="latent", **BASE)
+    expected_frames = run_reference(reference, "dpmpp-2m", **BASE)
+    monkeypatch.setattr(layers, "keeps_channels_last", lambda device: False)
+    assert_latents_close(expected_latents, run_ours(ours, "dpmpp-2m", output_type="latent", **BASE))
+    assert np.abs(run_ours(ours, "dpmpp-2m", **BASE) - expected_frames).max() < 1e-3  # the VAE's norms too
+
+
+def per_position_attention(q, k, v, heads):
+    # the reference layout: every position's sequence as its own batch entry, heads split the usual way
+    n, length, positions, inner = q.shape
+    def split(t):
+        return t.permute(0, 2, 1, 3).reshape(n * positions, -1, heads, inner // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (N*P, heads, L, d)
+    return out.transpose(1, 2).reshape(n, positions, length, inner).permute(0, 2, 1, 3)
+
+
+def test_strided_temporal_attention_equals_per_position_attention(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 30, 48) for _ in range(3))  # (B, F, H*W, heads*d)
+    expected = per_position_attention(q, k, v, heads=3)
+    got = attention(q, k, v, heads=3)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(layers, "SDPA_MAX_BATCH", 16)  # chunked over both grid dims (batch 2 -> 2x1, heads 90 -> 6)
+    torch.testing.assert_close(attention(q, k, v, heads=3), expected, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(layers, "SDPA_MAX_BATCH", 1)
+    torch.testing.assert_close(attention(q, k, v, heads=3), expected, atol=1e-5, rtol=1e-5)

@@ -56,3 +56,18 @@ def test_strided_temporal_attention_equals_per_position_attention(monkeypatch):
     torch.testing.assert_close(attention(q, k, v, heads=3), expected, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(layers, "SDPA_MAX_BATCH", 1)
     torch.testing.assert_close(attention(q, k, v, heads=3), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_torch_with_and_without_autograd(bias):
+    torch.manual_seed(0)
+    layer = layers.Linear(48, 40, bias=bias)
+    x = torch.randn(2, 5, 7, 48)
+    with torch.no_grad():  # the oneDNN path on CPU
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x[..., ::2, :]), F.linear(x[..., ::2, :], layer.weight, layer.bias))
+        half = layer.to(torch.bfloat16)(x.bfloat16())  # other dtypes: F.linear
+        assert half.dtype == torch.bfloat16
+    layer.float()
+    layer(x).sum().backward()  # with autograd it stays differentiable
+    assert layer.weight.grad is not None and layer.weight.grad.shape == layer.weight.shape

@@ -9,6 +9,7 @@ from torch import nn
 from .config import UNetConfig
 from .layers import (
     Downsample,
+    Linear,
     ResnetBlock,
     TimestepEmbedding,
     TransformerBlock,
@@ -56,9 +57,9 @@ class TransformerTemporal(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner)
+        self.proj_in = Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, None)])
-        self.proj_out = nn.Linear(inner, channels)
+        self.proj_out = Linear(inner, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (B, F, H, W, C); attention runs over F for each pixel on a strided (B, F, H*W, inner) view: no permutes
@@ -76,9 +77,9 @@ class Transformer2D(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner)
+        self.proj_in = Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, context_dim)])
-        self.proj_out = nn.Linear(inner, channels)
+        self.proj_out = Linear(inner, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, f, h, w, c = x.shape

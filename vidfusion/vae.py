@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import VAEConfig
-from .layers import Downsample, ResnetBlock, Upsample, attention, conv_cl, group_norm_cl, group_norm_silu
+from .layers import Downsample, Linear, ResnetBlock, Upsample, attention, conv_cl, group_norm_cl, group_norm_silu
 
 EPS = 1e-6
 
@@ -18,10 +18,10 @@ class VAEAttention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = nn.ModuleList([Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, h, w, c = x.shape

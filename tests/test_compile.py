@@ -30,6 +30,13 @@ def test_unet_forward_is_one_graph(fresh, freeu, gpu_norms, monkeypatch):
     assert torch.allclose(compiled(*args), unet(*args), atol=1e-5)
 
 
+def test_unet_forward_with_precomputed_text_kv_is_one_graph(fresh):
+    unet = fresh.unet
+    args = (torch.randn(2, 4, 3, 8, 8), torch.tensor(500), unet.text_kv(torch.randn(2, 77, 32)))
+    compiled = torch.compile(unet, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(*args), unet(*args), atol=1e-5)
+
+
 def test_regional_compile_gives_the_same_video(fresh):
     kwargs = dict(prompt="a cat", num_frames=3, height=32, width=32, num_inference_steps=2, output_type="latent")
     plain = fresh(generator=torch.Generator().manual_seed(0), **kwargs).frames

@@ -71,3 +71,20 @@ def test_linear_matches_torch_with_and_without_autograd(bias):
     layer.float()
     layer(x).sum().backward()  # with autograd it stays differentiable
     assert layer.weight.grad is not None and layer.weight.grad.shape == layer.weight.shape
+
+
+def test_text_keys_and_values_are_projected_once_per_generation(ours):
+    unet = ours.unet
+    torch.manual_seed(0)
+    x, t, text = torch.randn(2, 4, 3, 8, 8), torch.tensor(500), torch.randn(2, 77, unet.config.cross_attention_dim)
+    kv = unet.text_kv(text)
+    assert len(kv) == len(unet._cross_attentions()) > 1
+    torch.testing.assert_close(unet(x, t, kv), unet(x, t, text))
+    calls = []
+    to_k = unet._cross_attentions()[-1].transformer_blocks[0].attn2.to_k
+    handle = to_k.register_forward_hook(lambda *args: calls.append(args[1][0].shape))
+    try:
+        ours("a cat", num_inference_steps=3, num_frames=3, height=32, width=32, output_type="latent")
+    finally:
+        handle.remove()
+    assert len(calls) == 1, f"the text's keys were projected {len(calls)} times for 3 steps"

@@ -111,6 +111,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(shape)
 
 
+# The text's (keys, values) for every cross-attention of a model, in the order of their owners' `kv_index`.
+TextKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
 class Attention(nn.Module):
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, bias: bool = False):
         super().__init__()
@@ -121,11 +125,14 @@ class Attention(nn.Module):
         self.to_v = Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([Linear(inner, query_dim)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x (N, L, [P,] C); context (N, S, Cc) or None for self-attention
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out[0](out)
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_k(context), self.to_v(context)
+
+    def forward(self, x: torch.Tensor,
+                context: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # x (N, L, [P,] C); context (N, S, Cc), its precomputed (keys, values), or None for self-attention
+        k, v = context if isinstance(context, tuple) else self.kv(x if context is None else context)
+        return self.to_out[0](attention(self.to_q(x), k, v, self.heads))
 
 
 class GEGLU(nn.Module):
@@ -161,14 +168,17 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x (N, L, [P,] D). With cross-attention, context is (B, S, Dc) where N = B * frames: all frames of one
-        # video attend to the same text, so they form one long query sequence (no per-frame copies of the text).
+    def forward(self, x: torch.Tensor,
+                context: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # x (N, L, [P,] D). With cross-attention, context is the text (B, S, Dc) or this block's (keys, values) of
+        # it, where N = B * frames: all frames of one video attend to the same text, so they form one long query
+        # sequence (no per-frame copies of the text). A per-frame text has B = N.
         x = x + self.attn1(self.norm1(x))
         h = self.norm2(x)
         if self.cross:
             n, length, dim = h.shape
-            h = self.attn2(h.reshape(context.shape[0], -1, dim), context).reshape(n, length, dim)
+            batch = (context[0] if isinstance(context, tuple) else context).shape[0]
+            h = self.attn2(h.reshape(batch, -1, dim), context).reshape(n, length, dim)
         else:
             h = self.attn2(h)
         x = x + h

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -65,13 +66,14 @@ def reschedule_noise(noise: torch.Tensor, size: int, stride: int, generator: Gen
     return noise
 
 
-def windowed(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], context: torch.Tensor,
+def windowed(model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], context: Any,
              per_frame_context: bool, num_frames: int, size: int, stride: int, loop: bool):
     """Wrap `model_fn(x, t, context)` (x (B, C, F, H, W)) into `fn(x, t)` that runs it window by window and
-    fuses the overlapping predictions. A per-frame context is (N*F, S, D) and is sliced like the frames."""
+    fuses the overlapping predictions. `context` is passed through as it is (text states or their keys and
+    values); a per-frame context is a (N*F, S, D) tensor and is sliced like the frames."""
     calls = [0]
 
-    def context_for(idx: list[int] | None) -> torch.Tensor:
+    def context_for(idx: list[int] | None) -> Any:
         if idx is None or not per_frame_context:
             return context
         per_video = context.view(-1, num_frames, *context.shape[1:])  # (N, F, S, D)

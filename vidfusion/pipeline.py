@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import loading
-from .layers import Downsample, ResnetBlock, Upsample
+from .layers import Downsample, ResnetBlock, TextKV, Upsample
 from .long_video import check_keyframes, check_window, keyframe_weights, reschedule_noise, windowed
 from .noise import free_init_filter as free_init_filter_mask
 from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler
@@ -322,8 +322,13 @@ class TextToVideoPipeline:
         self._activate(self.unet)
         unet_dtype = self.unet.dtype
         context = context.to(unet_dtype)
+        if keyframes is None and self._offload != "sequential":
+            # one text per video: its keys and values for every cross-attention, once for the whole generation
+            # (per-frame texts stay text: their K/V would be frames times larger; sequential offload keeps the
+            # projections off the device outside a forward)
+            context = self.unet.text_kv(context)
 
-        def guided(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        def guided(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV) -> torch.Tensor:
             inp = torch.cat([x_in, x_in]) if guidance else x_in
             out = self.unet(inp.to(unet_dtype), t.to(device), ctx).float()
             if guidance:

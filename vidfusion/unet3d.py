@@ -11,6 +11,7 @@ from .layers import (
     Downsample,
     Linear,
     ResnetBlock,
+    TextKV,
     TimestepEmbedding,
     TransformerBlock,
     Upsample,
@@ -80,8 +81,13 @@ class Transformer2D(nn.Module):
         self.proj_in = Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, context_dim)])
         self.proj_out = Linear(inner, channels)
+        self.kv_index = 0  # its entry in the UNet's TextKV
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def text(self, context: torch.Tensor | TextKV) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """What this layer attends to: the text itself, or its own (keys, values) out of the UNet's TextKV."""
+        return context if isinstance(context, torch.Tensor) else context[self.kv_index]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, f, h, w, c = x.shape
         y = self.proj_in(group_norm_cl(self.norm, x, batch_dims=2).reshape(b * f, h * w, c))
         for block in self.transformer_blocks:
@@ -115,10 +121,10 @@ class Block3D(nn.Module):
             self.temp_attentions = nn.ModuleList(temp_attentions)
         self.has_attention = head_dim is not None
 
-    def layer(self, i: int, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def layer(self, i: int, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor | TextKV) -> torch.Tensor:
         x = self.temp_convs[i](self.resnets[i](x, temb_act))
         if self.has_attention:
-            x = self.temp_attentions[i](self.attentions[i](x, context))
+            x = self.temp_attentions[i](self.attentions[i](x, self.attentions[i].text(context)))
         return x
 
 
@@ -170,14 +176,25 @@ class UNet3D(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         # FreeU (s1, s2, b1, b2) or None; like diffusers it is off unless all four are non-zero
         self.freeu: tuple[float, float, float, float] | None = None
+        for i, layer in enumerate(self._cross_attentions()):
+            layer.kv_index = i
+
+    def _cross_attentions(self) -> list[Transformer2D]:
+        return [m for m in self.modules() if isinstance(m, Transformer2D)]
+
+    def text_kv(self, encoder_hidden_states: torch.Tensor) -> TextKV:
+        """The text's keys and values for every cross-attention. They do not change during a generation: pass
+        them as `encoder_hidden_states` to every step instead of the text, and the projections run once."""
+        return tuple(layer.transformer_blocks[0].attn2.kv(encoder_hidden_states) for layer in self._cross_attentions())
 
     @property
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """sample (B, C, F, H, W), timestep scalar or (B,), encoder_hidden_states (B, S, D) -> (B, C, F, H, W)."""
+                encoder_hidden_states: torch.Tensor | TextKV) -> torch.Tensor:
+        """sample (B, C, F, H, W), timestep scalar or (B,), encoder_hidden_states (B, S, D) (or (B*F, S, D), one
+        per frame) or its `text_kv` -> (B, C, F, H, W)."""
         b = sample.shape[0]
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(b)
@@ -227,7 +244,7 @@ class MidBlock3D(nn.Module):
         self.attentions = nn.ModuleList([Transformer2D(channels, heads, head_dim, cfg.cross_attention_dim, groups)])
         self.temp_attentions = nn.ModuleList([TransformerTemporal(channels, heads, head_dim, groups)])
 
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor | TextKV) -> torch.Tensor:
         x = self.temp_convs[0](self.resnets[0](x, temb_act))
-        x = self.temp_attentions[0](self.attentions[0](x, context))
+        x = self.temp_attentions[0](self.attentions[0](x, self.attentions[0].text(context)))
         return self.temp_convs[1](self.resnets[1](x, temb_act))

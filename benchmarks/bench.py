@@ -97,8 +97,12 @@ def unet_tflops(lib: str, pipe, spec: dict, device: str, repeats: int) -> dict:
 
     with torch.no_grad():
         forward()
+        import vidfusion.layers
+
+        onednn, vidfusion.layers.ONEDNN = vidfusion.layers.ONEDNN, False  # count through F.linear (same FLOPs)
         with FlopCounterMode(display=False) as counter:
             forward()
+        vidfusion.layers.ONEDNN = onednn
         flops = counter.get_total_flops()
         times = []
         for _ in range(repeats):

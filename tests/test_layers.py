@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidfusion import layers
 from vidfusion.layers import attention, group_norm_channels_last
@@ -58,6 +61,16 @@ def test_strided_temporal_attention_equals_per_position_attention(monkeypatch):
     torch.testing.assert_close(attention(q, k, v, heads=3), expected, atol=1e-5, rtol=1e-5)
 
 
+class OpNames(TorchDispatchMode):
+    def __enter__(self):
+        self.names = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_torch_with_and_without_autograd(bias):
     torch.manual_seed(0)
@@ -69,6 +82,11 @@ def test_linear_matches_torch_with_and_without_autograd(bias):
         half = layer.to(torch.bfloat16)(x.bfloat16())  # other dtypes: F.linear
         assert half.dtype == torch.bfloat16
     layer.float()
+    if platform.machine() == "x86_64":  # float32 CPU inference goes to oneDNN (MKL's sgemm is slow on AMD)
+        assert layers.ONEDNN
+        with torch.no_grad(), OpNames() as seen:
+            layer(x)
+        assert "mkldnn._linear_pointwise.default" in seen.names, seen.names
     layer(x).sum().backward()  # with autograd it stays differentiable
     assert layer.weight.grad is not None and layer.weight.grad.shape == layer.weight.shape
 

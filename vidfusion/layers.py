@@ -15,7 +15,18 @@ from torch import nn
 
 # The fused SDPA kernels fail for batch >= 65536 on CUDA (pytorch/pytorch#142228); stay below it.
 SDPA_MAX_BATCH = 32768
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear_works() -> bool:
+    # an internal op (inductor's CPU linear): check once that this torch build has it and computes F.linear
+    try:
+        x, w, b = torch.ones(2, 3), torch.ones(4, 3), torch.ones(4)
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), F.linear(x, w, b))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+ONEDNN = torch.backends.mkldnn.is_available() and _onednn_linear_works()
 
 
 class Linear(nn.Linear):

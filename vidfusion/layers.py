@@ -71,8 +71,9 @@ def group_norm_cl(norm: nn.GroupNorm, x: torch.Tensor, batch_dims: int) -> torch
 
 
 def keeps_channels_last(device: torch.device) -> bool:
-    """Whether torch's GroupNorm kernel works on channels-last input in place. On CUDA (torch <= 2.12 at least)
-    F.group_norm makes the input NCHW-contiguous and returns NCHW: two full copies per norm."""
+    """Whether torch's GroupNorm kernel works on channels-last input in place. Off the CPU, F.group_norm makes the
+    input NCHW-contiguous and returns NCHW (aten group_norm.cpp; so in torch 2.11, the GPU machines' version, and
+    until an NHWC CUDA kernel such as pytorch#191945 ships): two full copies per norm, plus a re-layout later."""
     return device.type == "cpu"
 
 

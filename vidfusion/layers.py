@@ -82,7 +82,7 @@ def group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor,
     """GroupNorm of x (N, L, C) over (L, C/groups), without changing the layout: statistics in float32, then one
     fused pass y = x * scale + shift with per-(N, C) float32 scale and shift, written in x's dtype."""
     n, length, c = x.shape
-    grouped = x.view(n, length, groups, c // groups)
+    grouped = x.reshape(n, length, groups, c // groups)
     if x.dtype == torch.float32:
         var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)  # (N, G)
     else:  # float32 accumulation without a float32 copy of x

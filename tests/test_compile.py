@@ -43,3 +43,12 @@ def test_regional_compile_gives_the_same_video(fresh):
     fresh.compile(backend="eager")
     compiled = fresh(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert torch.allclose(plain, compiled, atol=1e-5)
+
+
+def test_cpu_linear_compiles_with_inductor():
+    # eager float32 CPU linears run a oneDNN op whose inductor lowering needs prepacked weights: compiled code
+    # must take F.linear instead (found by compiling the whole pipeline with inductor)
+    layer = layers.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))

@@ -32,10 +32,11 @@ ONEDNN = torch.backends.mkldnn.is_available() and _onednn_linear_works()
 class Linear(nn.Linear):
     """nn.Linear whose float32 CPU inference goes through oneDNN's matmul with the bias fused: 2-2.7x faster than
     the MKL sgemm behind F.linear on the AMD EPYC machines measured (MKL takes a generic path there). Same
-    parameters and state-dict keys; F.linear everywhere else (GPU, half precision, autograd)."""
+    parameters and state-dict keys; F.linear everywhere else (GPU, half precision, autograd, and under
+    torch.compile, whose lowering of that op wants its own prepacked weights)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

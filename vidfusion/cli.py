@@ -27,6 +27,7 @@ def slugify(text: str, limit: int = 60) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .noise import FREE_INIT_FILTERS, NOISE_PRIORS
     from .schedules import SAMPLER_NAMES
 
     parser = _Parser(prog="vidfusion", description="Text-to-video with ModelScope / Zeroscope checkpoints.")
@@ -46,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--window-size", type=int, default=None, help="frames the UNet sees at once (default 16)")
     gen.add_argument("--window-stride", type=int, default=None, help="default window-size / 4")
     gen.add_argument("--loop", action="store_true", help="seamless loop: the last frame flows into the first")
-    gen.add_argument("--noise-prior", choices=("iid", "videofusion"), default="iid")
+    gen.add_argument("--noise-prior", choices=NOISE_PRIORS, default="iid")
     gen.add_argument("--base-noise-ratio", type=float, default=0.5, help="videofusion prior: shared noise share")
     gen.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"))
     gen.add_argument("--free-init-iterations", type=int, default=1)
-    gen.add_argument("--free-init-filter", choices=("gaussian", "butterworth", "ideal"), default="butterworth")
+    gen.add_argument("--free-init-filter", choices=FREE_INIT_FILTERS, default="butterworth")
     gen.add_argument("--num-videos", type=int, default=1, help="videos from this prompt (OUT-1.mp4, OUT-2.mp4, ...)")
 
     up = sub.add_parser("upscale", help="resize a video, then refine it with video-to-video (Zeroscope XL recipe)")
@@ -120,6 +121,12 @@ def _device_and_dtype(device: str | None, dtype_name: str | None):
     return device, torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def _serve(args: argparse.Namespace) -> None:
     from .serve.app import is_loopback
 
@@ -127,9 +134,7 @@ def _serve(args: argparse.Namespace) -> None:
     if not is_loopback(args.host) and token is None:
         raise ValueError(f"refusing to serve on non-loopback host {args.host!r} without a token: pass --token or "
                          "set VIDFUSION_TOKEN")
-    for name in ("max_queue", "max_frames", "max_pixels"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    _check_at_least_one(args, "max_queue", "max_frames", "max_pixels")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
 
@@ -202,10 +207,7 @@ def _generate(args: argparse.Namespace) -> list[str]:
         raise FileNotFoundError(f"output folder '{out.parent}' does not exist")
     if init_video is not None and not Path(init_video).is_file():
         raise FileNotFoundError(f"input video '{init_video}' does not exist")
-    numbers = ["steps", "fps"] + ([] if upscale else ["frames", "num_videos"])
-    for name in numbers:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    _check_at_least_one(args, "steps", "fps", *([] if upscale else ["frames", "num_videos"]))
     fps = args.fps or (round(video_fps(init_video)) if init_video else 8)
     options = dict(num_inference_steps=args.steps, sampler=args.sampler, eta=args.eta, height=args.height,
                    width=args.width)

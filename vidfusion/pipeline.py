@@ -366,13 +366,13 @@ class TextToVideoPipeline:
         if start:
             extra["start"] = start
         noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)
-        start = x
+        start_noise = x
         previous_freeu, self.unet.freeu = self.unet.freeu, freeu
         try:
             for iteration in range(free_init_iterations):
                 if iteration:  # FreeInit: diffuse the result back to t=T, keep its low frequencies, fresh high ones
                     a_t = schedule.alphas_cumprod[-1].to(device)
-                    diffused = a_t**0.5 * x + (1 - a_t) ** 0.5 * start
+                    diffused = a_t**0.5 * x + (1 - a_t) ** 0.5 * start_noise
                     fresh = randn(shape, generator, device, noise_dtype).float()
                     x = mix_frequencies(diffused, fresh, low_pass)
                 x = SAMPLERS[base](model_fn, x, schedule, noise_sampler=noise_sampler, callback=on_step, **extra)
@@ -513,4 +513,5 @@ class DiffusionPipeline:
 
         folder = loading.resolve_checkpoint(name_or_path, kwargs.get("variant"), kwargs.get("revision"))
         video = loading.read_model_index(folder).get("_class_name") == "VideoToVideoSDPipeline"
-        return (VideoToVideoSDPipeline if video else TextToVideoSDPipeline).from_pretrained(name_or_path, **kwargs)
+        # the resolved folder, so a hub id is listed and fetched once
+        return (VideoToVideoSDPipeline if video else TextToVideoSDPipeline).from_pretrained(folder, **kwargs)

@@ -87,8 +87,9 @@ class UNetConfig:
                 raise ConfigError(f"{where}: unsupported up block type {name!r}")
         if self.num_attention_heads is not None:
             raise ConfigError(f"{where}: num_attention_heads is not supported (use attention_head_dim, as diffusers)")
-        if self.time_cond_proj_dim is not None:
-            raise ConfigError(f"{where}: time_cond_proj_dim is not supported")
+        if self.time_cond_proj_dim is not None and (not isinstance(self.time_cond_proj_dim, int)
+                                                    or self.time_cond_proj_dim < 2):
+            raise ConfigError(f"{where}: time_cond_proj_dim must be an integer >= 2, got {self.time_cond_proj_dim!r}")
         if self.act_fn != "silu":
             raise ConfigError(f"{where}: act_fn {self.act_fn!r} is not supported (only 'silu')")
         if len(self.head_dims) != n:

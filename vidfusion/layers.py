@@ -312,11 +312,27 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Embedding of a guidance scale for guidance-distilled UNets (LCM, T2V-Turbo): sin first, then cos, of
+    w * 1000 at frequencies 10000^(-i / (dim/2 - 1)). w (B,) -> (B, dim) float32."""
+    half = dim // 2
+    exponent = -math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device)
+    args = (w.float() * 1000.0)[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int):
+    """linear_2(silu(linear_1(x [+ cond_proj(condition)]))). cond_proj (no bias) exists for guidance-distilled
+    UNets (diffusers' time_cond_proj_dim); it is registered between linear_1 and linear_2, as in diffusers."""
+
+    def __init__(self, in_dim: int, out_dim: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = Linear(in_dim, out_dim)
+        self.cond_proj = Linear(cond_dim, in_dim, bias=False) if cond_dim else None
         self.linear_2 = Linear(out_dim, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None and self.cond_proj is not None:
+            x = x + self.cond_proj(condition.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))

@@ -13,14 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import loading
-from .layers import Downsample, ResnetBlock, TextKV, Upsample
+from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
 from .long_video import check_keyframes, check_window, keyframe_weights, reschedule_noise, windowed
+from .lora import LoraAdapters, read_lora_file
 from .noise import free_init_filter as free_init_filter_mask
 from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler
 from .offload import SequentialOffload, offload_device
 from .sampling import SAMPLERS
 from .schedulers import Scheduler, scheduler_from_checkpoint
-from .schedules import NoiseSchedule, resolve_sampler, sampler_options
+from .schedules import FEW_STEP_DEFAULTS, NoiseSchedule, resolve_sampler, sampler_options
 from .text_encoder import encode_text
 from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
 from .vae import approximate_rgb
@@ -57,6 +58,7 @@ class TextToVideoPipeline:
         self._sequential: SequentialOffload | None = None
         self._freeu: tuple[float, float, float, float] | None = None
         self._interrupted = False
+        self._lora = LoraAdapters()
 
     # ---- loading and placement ------------------------------------------------------------------------
 
@@ -163,6 +165,38 @@ class TextToVideoPipeline:
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self._progress = dict(kwargs)
 
+    # ---- adapters (LoRA; lora.py) --------------------------------------------------------------------------
+
+    def _adapter_models(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def load_lora_weights(self, path_or_hub_id: str | os.PathLike, *, weight_name: str | None = None,
+                          adapter_name: str | None = None, scale: float = 1.0, target: str | None = None) -> str:
+        """Load a LoRA in any published format (detected from the file) and activate it with weight `scale`;
+        returns its adapter name. `target` ("unet", "spatial", "temporal") picks the layers of a keyless
+        cloneofsimo list (default: the one whose layer count fits)."""
+        lora = read_lora_file(path_or_hub_id, weight_name)
+        return self._lora.load(self._adapter_models(), lora, adapter_name, scale, target)
+
+    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
+        """Use exactly these (unfused) adapters, each with its weight (default 1)."""
+        self._lora.set_adapters(self._adapter_models(), names, weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return self._lora.applied()
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+        """Fix the active adapters (or those named) in the weights, times lora_scale; set_adapters no longer
+        changes them until unfuse_lora()."""
+        self._lora.fuse(self._adapter_models(), lora_scale, adapter_names)
+
+    def unfuse_lora(self) -> None:
+        self._lora.unfuse(self._adapter_models())
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the weights are the original ones again, bit for bit."""
+        self._lora.unload(self._adapter_models())
+
     # ---- the pipeline ---------------------------------------------------------------------------------
 
     @property
@@ -188,12 +222,27 @@ class TextToVideoPipeline:
         return torch.cat([negative_prompt_embeds, prompt_embeds])
 
     def _sampler(self, sampler: str | None) -> tuple[str, dict[str, Any]]:
+        embedded = self.unet.guidance_embedding_dim is not None
+        if sampler is None and embedded and self.scheduler.sampler not in FEW_STEP_DEFAULTS:
+            sampler = "t2v-turbo"  # a guidance-distilled UNet (T2V-Turbo LoRA loaded) samples in few steps
+        if sampler == "t2v-turbo" and not embedded:
+            raise ValueError("the t2v-turbo sampler needs the T2V-Turbo UNet: load its LoRA first, "
+                             "pipe.load_lora_weights('jiachenli-ucsb/T2V-Turbo-MS', weight_name='unet_lora.pt') "
+                             "(CLI: --turbo)")
         if sampler is None:
             return self.scheduler.sampler, self.scheduler.options
         if not isinstance(sampler, str):
             raise ValueError(f"sampler must be a name, got {type(sampler).__name__}")
         base, preset = resolve_sampler(sampler)
         return base, sampler_options(base, dict(self.scheduler.config), preset)
+
+    def _guidance_condition(self, guidance_scale: float, batch: int) -> torch.Tensor | None:
+        """The guidance scale as the UNet's guidance embedding (B, D) for a guidance-distilled UNet, else None."""
+        dim = self.unet.guidance_embedding_dim
+        if dim is None:
+            return None
+        w = torch.full((batch,), float(guidance_scale), device=self.device)
+        return guidance_embedding(w, dim).to(self.unet.dtype)
 
     def compile(self, *, regional: bool = True, mode: str | None = None, backend: str = "inductor"
                 ) -> TextToVideoPipeline:
@@ -237,8 +286,8 @@ class TextToVideoPipeline:
         num_frames: int = 16,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 9.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         sampler: str | None = None,
         eta: float = 0.0,
         num_videos_per_prompt: int = 1,
@@ -263,7 +312,10 @@ class TextToVideoPipeline:
         free_init_spatial: float = 0.25,
         free_init_temporal: float = 0.25,
     ) -> TextToVideoOutput | tuple:
-        """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument."""
+        """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
+        num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (7.5 for t2v-turbo)."""
+        base, options = self._sampler(sampler)
+        num_inference_steps, guidance_scale = _step_defaults(base, num_inference_steps, guidance_scale)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         keyframes = check_keyframes(prompt, num_frames) if isinstance(prompt, dict) else None
@@ -284,8 +336,7 @@ class TextToVideoPipeline:
             low_pass = free_init_filter_mask((num_frames, height // self.vae_scale_factor,
                                               width // self.vae_scale_factor), free_init_filter, free_init_spatial,
                                              free_init_temporal, device=self.device)
-        guidance = guidance_scale > 1.0
-        base, options = self._sampler(sampler)
+        guidance = guidance_scale > 1.0 and self.unet.guidance_embedding_dim is None  # CFG: an unconditional batch
         schedule = NoiseSchedule.create(options, num_inference_steps)
         device = self.device
 
@@ -328,9 +379,11 @@ class TextToVideoPipeline:
             # projections off the device outside a forward)
             context = self.unet.text_kv(context)
 
+        guidance_cond = self._guidance_condition(guidance_scale, batch)
+
         def guided(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV) -> torch.Tensor:
             inp = torch.cat([x_in, x_in]) if guidance else x_in
-            out = self.unet(inp.to(unet_dtype), t.to(device), ctx).float()
+            out = self.unet(inp.to(unet_dtype), t.to(device), ctx, guidance_cond).float()
             if guidance:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
@@ -431,6 +484,13 @@ def _repeat(items, times: int):
     if isinstance(items, torch.Tensor):
         return items.repeat_interleave(times, dim=0)
     return [item for item in items for _ in range(times)]
+
+
+def _step_defaults(sampler: str, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+    """num_inference_steps and guidance_scale when not given: the few-step samplers' own, else 50 and 9."""
+    defaults = {"num_inference_steps": 50, "guidance_scale": 9.0, **FEW_STEP_DEFAULTS.get(sampler, {})}
+    return (defaults["num_inference_steps"] if steps is None else steps,
+            defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
 
 
 def _check_freeu(freeu) -> tuple[float, float, float, float]:

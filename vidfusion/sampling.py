@@ -17,7 +17,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .schedules import NoiseSchedule, discrete_sigmas, init_noise_sigma, multistep_sigmas, spaced_timesteps
+from .schedules import (
+    NoiseSchedule,
+    consistency_timesteps,
+    discrete_sigmas,
+    init_noise_sigma,
+    multistep_sigmas,
+    spaced_timesteps,
+)
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None
@@ -450,6 +457,46 @@ def _unipc_update(x, outputs, sigmas, i, order, opts, corrector=None):
     return base - scale * b_h * (res + rhos[-1] * (corrector - m0))
 
 
+# ---- consistency models (LCM / MCM, T2V-Turbo): denoise to x0 in one pass, re-noise to the next step -------------
+
+def consistency_scalings(t: torch.Tensor, timestep_scaling: float, sigma_data: float = 0.5):
+    """Boundary-condition scalings (c_skip, c_out) at discrete timestep t: c_skip -> 1 and c_out -> 0 as t -> 0."""
+    scaled = t * timestep_scaling
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5
+
+
+def _sample_consistency(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, sampler: str,
+                        noise_sampler: NoiseSampler, callback: Callback) -> torch.Tensor:
+    opts, ac = schedule.options, schedule.alphas_cumprod
+    timesteps = torch.from_numpy(consistency_timesteps(opts, schedule.num_steps, sampler))
+    for i, t in enumerate(timesteps):
+        x0, _ = vp_x0_eps(model_fn(x, t), x, ac[t], schedule.prediction_type)
+        if opts.get("clip_sample"):
+            x0 = x0.clamp(-opts["clip_sample_range"], opts["clip_sample_range"])
+        c_skip, c_out = consistency_scalings(t, opts["timestep_scaling"])
+        denoised = c_out * x0 + c_skip * x
+        if i < len(timesteps) - 1:  # fresh noise up to the next timestep; the last step returns the denoised sample
+            a_next = ac[timesteps[i + 1]]
+            x = a_next.sqrt() * denoised + (1 - a_next).sqrt() * _noise(noise_sampler, x)
+        else:
+            x = denoised
+        x = _done(callback, i, t, x)
+    return x
+
+
+def sample_lcm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
+               callback: Callback = None) -> torch.Tensor:
+    """Latent consistency model multistep sampling (diffusers' LCMScheduler; MCM with timestep_scaling=4)."""
+    return _sample_consistency(model_fn, x, schedule, "lcm", noise_sampler, callback)
+
+
+def sample_t2v_turbo(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
+                     noise_sampler: NoiseSampler = None, callback: Callback = None) -> torch.Tensor:
+    """T2V-Turbo (MS): consistency sampling on every (50 // n)-th distillation timestep from 999, timestep scaling 10.
+    The guidance scale is an input of the UNet (its guidance embedding), not classifier-free guidance."""
+    return _sample_consistency(model_fn, x, schedule, "t2v-turbo", noise_sampler, callback)
+
+
 def start_state(sampler: str, schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, start: int
                 ) -> torch.Tensor:
     """Clean latents x0 noised to step `start` of `sampler`'s schedule, in that sampler's own space: what
@@ -476,4 +523,6 @@ SAMPLERS = {
     "lms": sample_lms,
     "dpmpp-2m": sample_dpmpp_2m,
     "unipc": sample_unipc,
+    "lcm": sample_lcm,
+    "t2v-turbo": sample_t2v_turbo,
 }

@@ -89,10 +89,17 @@ class UniPCMultistepScheduler(Scheduler):
     sampler = "unipc"
 
 
+class LCMScheduler(Scheduler):
+    """Latent consistency sampling (LCM-LoRA, MCM: `LCMScheduler.from_config(config, timestep_scaling=4.0)`)."""
+
+    sampler = "lcm"
+
+
 SCHEDULERS: dict[str, type[Scheduler]] = {
     cls.__name__: cls
     for cls in (DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-                HeunDiscreteScheduler, LMSDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler)
+                HeunDiscreteScheduler, LMSDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+                LCMScheduler)
 }
 assert set(SCHEDULERS) == set(SCHEDULER_CLASSES)
 

@@ -44,6 +44,12 @@ SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {
               "lower_order_final": True, "disable_corrector": [], "solver_p": None, "use_flow_sigmas": False,
               "flow_shift": 1.0, "timestep_spacing": "linspace", "final_sigmas_type": "zero",
               "use_dynamic_shifting": False, "sigma_min": None, "sigma_max": None, "shift_terminal": None},
+    # consistency models: LCM / MCM (diffusers' LCMScheduler) and T2V-Turbo (guidance-distilled, one pass per step)
+    "lcm": {**_BASE, **_THRESHOLD, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+            "timestep_spacing": "leading", "timestep_scaling": 10.0},
+    "t2v-turbo": {**_BASE, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "original_inference_steps": 50, "timestep_scaling": 10.0},
 }
 SAMPLER_OPTIONS["euler"]["rescale_betas_zero_snr"] = False
 SAMPLER_OPTIONS["heun"].pop("rescale_betas_zero_snr")
@@ -54,7 +60,13 @@ SAMPLER_OPTIONS["pndm"].pop("rescale_betas_zero_snr")
 SAMPLER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp-2m-karras": ("dpmpp-2m", {"use_karras_sigmas": True}),
 }
-SAMPLER_NAMES = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-ancestral", "heun", "lms", "pndm", "unipc")
+SAMPLER_NAMES = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-ancestral", "heun", "lms", "pndm", "unipc",
+                 "lcm", "t2v-turbo")
+# Few-step samplers: their own defaults for num_inference_steps (and guidance, for T2V-Turbo's embedded guidance)
+FEW_STEP_DEFAULTS: dict[str, dict[str, float]] = {
+    "lcm": {"num_inference_steps": 4},
+    "t2v-turbo": {"num_inference_steps": 4, "guidance_scale": 7.5},
+}
 
 # diffusers scheduler class (as named in scheduler_config.json) -> our sampler
 SCHEDULER_CLASSES = {
@@ -66,6 +78,7 @@ SCHEDULER_CLASSES = {
     "LMSDiscreteScheduler": "lms",
     "DPMSolverMultistepScheduler": "dpmpp-2m",
     "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
 }
 
 # Option values that exist in diffusers but are not implemented here: setting them is an error.
@@ -208,6 +221,23 @@ def spaced_timesteps(opts: dict[str, Any], n: int, *, integer: bool) -> np.ndarr
     ratio = total / n
     ts = np.round(np.arange(total, 0, -ratio)).astype(np.int64 if integer else np.float32)
     return ts - 1
+
+
+def consistency_timesteps(opts: dict[str, Any], n: int, sampler: str) -> np.ndarray:
+    """Descending timesteps of the few-step consistency samplers, taken from the distillation schedule
+    `arange(1, original_inference_steps + 1) * (num_train_timesteps // original_inference_steps) - 1`:
+    "lcm" at floor(linspace(0, original, n, endpoint=False)) of it reversed (diffusers' LCMScheduler);
+    "t2v-turbo" every (original // n)-th from the end (T2V-Turbo's scheduler; n=4 -> 999, 759, 519, 279)."""
+    original, total = opts["original_inference_steps"], opts["num_train_timesteps"]
+    if not isinstance(original, int) or not 1 <= original <= total:
+        raise ValueError(f"{sampler} sampler: original_inference_steps must be in 1..{total}, got {original!r}")
+    if n > original:
+        raise ValueError(f"{sampler} sampler: num_inference_steps={n} is more than its original_inference_steps="
+                         f"{original}; use at most {original} steps (1-8 is the usual range)")
+    origin = np.arange(1, original + 1, dtype=np.int64) * (total // original) - 1
+    if sampler == "lcm":
+        return origin[::-1][np.floor(np.linspace(0, original, num=n, endpoint=False)).astype(np.int64)].copy()
+    return origin[::-(original // n)][:n].copy()
 
 
 def multistep_timesteps(opts: dict[str, Any], n: int, last_timestep: int) -> np.ndarray:

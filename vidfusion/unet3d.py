@@ -139,7 +139,7 @@ class UNet3D(nn.Module):
         temb = ch[0] * 4
         groups = cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.time_embedding = TimestepEmbedding(ch[0], temb, cfg.time_cond_proj_dim)
         # transformer_in has 8 heads of width attention_head_dim (a quirk of the published model)
         self.transformer_in = TransformerTemporal(ch[0], 8, head_dims[0], groups)
 
@@ -191,14 +191,23 @@ class UNet3D(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        """Width of the guidance-scale embedding of a guidance-distilled UNet (T2V-Turbo), else None."""
+        cond_proj = self.time_embedding.cond_proj
+        return None if cond_proj is None else cond_proj.in_features
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor | TextKV) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor | TextKV, timestep_cond: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """sample (B, C, F, H, W), timestep scalar or (B,), encoder_hidden_states (B, S, D) (or (B*F, S, D), one
-        per frame) or its `text_kv` -> (B, C, F, H, W)."""
+        per frame) or its `text_kv`, timestep_cond (B, D) the guidance embedding of a guidance-distilled UNet
+        -> (B, C, F, H, W)."""
         b = sample.shape[0]
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(b)
-        temb = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(self.dtype))
+        temb = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(self.dtype),
+                                   timestep_cond)
         temb_act = F.silu(temb)  # (B, Ct): one per video, shared by every resnet
         context = encoder_hidden_states
 

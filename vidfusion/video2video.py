@@ -69,6 +69,7 @@ class VideoToVideoPipeline(TextToVideoPipeline):
         new = cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
         new._progress = dict(pipe._progress)
         new._freeu = pipe._freeu
+        new._lora = pipe._lora  # the same weights, so the same adapters
         new._offload, new._offload_device, new._sequential = pipe._offload, pipe._offload_device, pipe._sequential
         return new
 

@@ -524,7 +524,7 @@ class LoraAdapters:
                 contributions = [(self.adapters[a].layers[path], w) for a, w in weights.items()
                                  if path in self.adapters[a].layers and w != 0]
                 if contributions:
-                    merged = original.to(weight.device, torch.float32)
+                    merged = original.to(weight.device, torch.float32, copy=True)  # never the backup itself
                     for layer, w in contributions:
                         merged += w * layer.delta(weight.shape, weight.device)
                     weight.copy_(merged)

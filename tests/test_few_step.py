@@ -4,7 +4,11 @@ embedding) against a reference loop written from the published math on diffusers
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -178,3 +182,55 @@ def test_t2v_turbo_without_its_lora_is_a_clear_error(pipe):
         pipe(sampler="t2v-turbo", **BASE)
     with pytest.raises(ValueError, match="at most 50 steps"):
         pipe(sampler="lcm", num_inference_steps=51, **BASE)
+
+
+# ---- --turbo through the hub cache (offline), CLI and service ------------------------------------------------
+
+def offline_hub_cache(root, lora_path):
+    """An HF hub cache holding jiachenli-ucsb/T2V-Turbo-MS/unet_lora.pt, as huggingface_hub lays it out."""
+    commit = "0" * 40
+    repo = root / "models--jiachenli-ucsb--T2V-Turbo-MS"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "unet_lora.pt").write_bytes(lora_path.read_bytes())
+    return {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
+
+
+def test_cli_turbo_and_lora(tiny_checkpoint, turbo, tmp_path):
+    env = offline_hub_cache(tmp_path / "hub", turbo[0])
+    out = tmp_path / "t.mp4"
+    cmd = [sys.executable, "-m", "vidfusion.cli", "generate", "a cat", "--model", str(tiny_checkpoint), "--frames",
+           "3", "--height", "32", "--width", "32", "--seed", "0", "--out", str(out), "--turbo"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "4/4" in result.stderr  # 4 steps by default
+    with av.open(str(out)) as c:
+        assert len(list(c.decode(video=0))) == 3
+    # --lora with a weight next to it; a LoRA that does not exist: one line, exit 2
+    result = subprocess.run(cmd[:-1] + ["--lora", f"{turbo[0]}:0.5", "--sampler", "t2v-turbo", "--steps", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "2/2" in result.stderr
+    result = subprocess.run(cmd[:-1] + ["--lora", str(tmp_path / "nope.safetensors")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_turbo_defaults(tiny_checkpoint, turbo, tmp_path, monkeypatch):
+    from .serve_helpers import Server, wait_for
+
+    for key, value in offline_hub_cache(tmp_path / "hub", turbo[0]).items():
+        monkeypatch.setenv(key, value)
+    server = Server(tiny_checkpoint, tmp_path / "data", "--turbo").start()
+    try:
+        with server.client() as client:
+            assert 'value="4"' in client.get("/").text  # the page's default steps
+            job = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 2, "height": 32, "width": 32,
+                                                  "seed": 1}).json()
+            assert job["params"]["num_inference_steps"] == 4 and job["params"]["guidance_scale"] == 7.5
+            done = wait_for(client, job["id"])
+            assert done["status"] == "succeeded", done
+    finally:
+        server.stop()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "damo-vilab/text-to-video-ms-1.7b"
+TURBO_LORA = ("jiachenli-ucsb/T2V-Turbo-MS", "unet_lora.pt")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-frames", type=int, default=128)
     srv.add_argument("--max-pixels", type=int, default=1024 * 1024, help="most height x width per frame")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_lora_options(srv)
 
     init = sub.add_parser("init-random", help="write a random-weight checkpoint in the published layout")
     init.add_argument("dir")
@@ -95,8 +97,8 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
     p.add_argument("--revision", default=None)
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None, help="default 9 (15 for video-to-video)")
+    p.add_argument("--steps", type=int, default=None, help="default 50 (4 with --turbo or the lcm sampler)")
+    p.add_argument("--guidance", type=float, default=None, help="default 9 (15 for video-to-video, 7.5 with --turbo)")
     p.add_argument("--sampler", choices=samplers, default=None, help="default: the checkpoint's scheduler")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
@@ -106,6 +108,18 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
     p.add_argument("--vae-tiling", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE blocks (GPU; slow 1st call)")
+    _add_lora_options(p)
+
+
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:WEIGHT]",
+                   help="apply a LoRA (any published format; repeatable), optionally with a weight, e.g. motion.pt:0.8")
+    p.add_argument("--lora-weight-name", default=None,
+                   help="file (or subfolder) inside a hub repo or folder given to --lora")
+    p.add_argument("--lora-target", choices=("unet", "spatial", "temporal"), default=None,
+                   help="layers a keyless cloneofsimo .pt covers (default: found from its size)")
+    p.add_argument("--turbo", action="store_true",
+                   help=f"T2V-Turbo: the {TURBO_LORA[0]} LoRA, 4 steps, t2v-turbo sampler, guidance 7.5")
 
 
 def _device_and_dtype(device: str | None, dtype_name: str | None):
@@ -152,12 +166,15 @@ def _serve(args: argparse.Namespace) -> None:
         device, dtype = _device_and_dtype(device, args.dtype)
         pipe = TextToVideoPipeline.from_pretrained(args.model, dtype=dtype, variant=args.variant,
                                                    revision=args.revision).to(device)
+        _apply_loras(pipe, args)
         pipe.set_progress_bar_config(disable=True)
         pipes.append(pipe)
     size = pipes[0].unet.config.sample_size * pipes[0].vae_scale_factor
+    steps, guidance = pipes[0].default_steps_and_guidance()
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
                              max_frames=args.max_frames, max_pixels=args.max_pixels, default_height=size,
-                             default_width=size, model=str(args.model))
+                             default_width=size, model=str(args.model), default_steps=steps,
+                             default_guidance=guidance)
     app = create_app(JobStore(args.data_dir), pipes, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
@@ -174,9 +191,34 @@ def _keyframes(prompt: str, specs: list[str]) -> dict[int, str] | str:
     return keyframes
 
 
+def _lora_specs(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """--lora PATH_OR_ID[:WEIGHT] values (a trailing :number is the weight), checked before anything loads."""
+    specs = []
+    for spec in args.lora:
+        path, sep, weight = spec.rpartition(":")
+        if sep and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", weight):
+            specs.append((path, float(weight)))
+        else:
+            specs.append((spec, 1.0))
+    for path, _ in specs:
+        if not path:
+            raise ValueError("--lora needs a file, folder or hub id, e.g. --lora motion.pt:0.8")
+    return specs
+
+
+def _apply_loras(pipe, args: argparse.Namespace) -> None:
+    specs = _lora_specs(args)
+    for path, weight in specs:
+        pipe.load_lora_weights(path, weight_name=args.lora_weight_name, scale=weight, target=args.lora_target)
+    if args.turbo:
+        pipe.load_lora_weights(TURBO_LORA[0], weight_name=TURBO_LORA[1], adapter_name="t2v-turbo")
+
+
 def _load(cls, args: argparse.Namespace):
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    _lora_specs(args)
     pipe = cls.from_pretrained(args.model, dtype=dtype, variant=args.variant, revision=args.revision)
+    _apply_loras(pipe, args)
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=args.device)
     elif args.offload == "sequential":
@@ -209,8 +251,8 @@ def _generate(args: argparse.Namespace) -> list[str]:
         raise FileNotFoundError(f"input video '{init_video}' does not exist")
     _check_at_least_one(args, "steps", "fps", *([] if upscale else ["frames", "num_videos"]))
     fps = args.fps or (round(video_fps(init_video)) if init_video else 8)
-    options = dict(num_inference_steps=args.steps, sampler=args.sampler, eta=args.eta, height=args.height,
-                   width=args.width)
+    options = dict(num_inference_steps=args.steps, sampler=args.sampler or ("t2v-turbo" if args.turbo else None),
+                   eta=args.eta, height=args.height, width=args.width)
     if args.guidance is not None:
         options["guidance_scale"] = args.guidance
     if not upscale:

@@ -13,6 +13,7 @@ it, and unloading restores it bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -153,7 +154,10 @@ def _hub_download(repo_id: str, weight_name: str | None) -> Path:
 
     try:
         files = HfApi().list_repo_files(repo_id)
-    except Exception as exc:
+    except Exception as exc:  # offline: what the hub cache already holds
+        if weight_name and "." in weight_name.rsplit("/", 1)[-1]:
+            with contextlib.suppress(Exception):
+                return Path(hf_hub_download(repo_id, weight_name, local_files_only=True))
         raise LoraError(f"could not get LoRA '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: "
                         f"{str(exc)[:200]}); without network access download it elsewhere and pass the file") from None
     if weight_name in files:

@@ -31,6 +31,8 @@ class ServeSettings:
     default_height: int = 256
     default_width: int = 256
     model: str = ""
+    default_steps: int = 50  # 4 when the server runs T2V-Turbo (--turbo)
+    default_guidance: float = 9.0  # 7.5 for T2V-Turbo
 
 
 class VideoRequest(BaseModel):
@@ -43,8 +45,8 @@ class VideoRequest(BaseModel):
     num_frames: int = Field(default=16, ge=1)
     height: int | None = Field(default=None, ge=8, multiple_of=8)
     width: int | None = Field(default=None, ge=8, multiple_of=8)
-    num_inference_steps: int = Field(default=50, ge=1, le=500)
-    guidance_scale: float = Field(default=9.0, ge=0.0, le=50.0)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=500)  # default: the server's (50, T2V-Turbo 4)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)  # default: the server's (9, T2V-Turbo 7.5)
     sampler: Literal[tuple(SAMPLER_NAMES)] | None = None  # type: ignore[valid-type]
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     fps: int = Field(default=8, ge=1, le=60)
@@ -112,6 +114,10 @@ def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -
         params = body.model_dump()
         params["height"] = params["height"] or settings.default_height
         params["width"] = params["width"] or settings.default_width
+        if params["num_inference_steps"] is None:
+            params["num_inference_steps"] = settings.default_steps
+        if params["guidance_scale"] is None:
+            params["guidance_scale"] = settings.default_guidance
         if params["num_frames"] > settings.max_frames:
             raise _field_error("num_frames", f"num_frames must be at most {settings.max_frames} on this server")
         if params["height"] * params["width"] > settings.max_pixels:

@@ -54,9 +54,9 @@ _PAGE = """<!doctype html>
       <div><label for="width">Width</label><input id="width" type="number" min="8" step="8" value="__W__"></div>
       <div><label for="height">Height</label><input id="height" type="number" min="8" step="8" value="__H__"></div>
       <div><label for="num_inference_steps">Steps</label>
-        <input id="num_inference_steps" type="number" min="1" value="25"></div>
+        <input id="num_inference_steps" type="number" min="1" value="__STEPS__"></div>
       <div><label for="guidance_scale">Guidance</label>
-        <input id="guidance_scale" type="number" min="0" step="0.5" value="9"></div>
+        <input id="guidance_scale" type="number" min="0" step="0.5" value="__GUIDANCE__"></div>
       <div><label for="sampler">Sampler</label><select id="sampler">__SAMPLERS__</select></div>
       <div><label for="seed">Seed (empty: random)</label><input id="seed" type="number" min="0"></div>
     </div>
@@ -191,5 +191,6 @@ def render_ui(settings: Any, samplers: Sequence[str]) -> str:
         f'<option value="{html.escape(s)}">{html.escape(s)}</option>' for s in samplers)
     config = {"max_frames": settings.max_frames, "max_pixels": settings.max_pixels}
     return (_PAGE.replace("__MODEL__", html.escape(settings.model)).replace("__W__", str(settings.default_width))
-            .replace("__H__", str(settings.default_height)).replace("__SAMPLERS__", options)
+            .replace("__H__", str(settings.default_height)).replace("__STEPS__", str(settings.default_steps))
+            .replace("__GUIDANCE__", f"{settings.default_guidance:g}").replace("__SAMPLERS__", options)
             .replace("__CONFIG__", json.dumps(config)))

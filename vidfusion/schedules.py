@@ -59,9 +59,10 @@ SAMPLER_OPTIONS["pndm"].pop("rescale_betas_zero_snr")
 # Named presets on top of a sampler's options.
 SAMPLER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp-2m-karras": ("dpmpp-2m", {"use_karras_sigmas": True}),
+    "mcm": ("lcm", {"timestep_scaling": 4.0}),  # MCM's LoRAs (yhzhai/mcm) sample as LCM with timestep scaling 4
 }
 SAMPLER_NAMES = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-ancestral", "heun", "lms", "pndm", "unipc",
-                 "lcm", "t2v-turbo")
+                 "lcm", "mcm", "t2v-turbo")
 # Few-step samplers: their own defaults for num_inference_steps (and guidance, for T2V-Turbo's embedded guidance)
 FEW_STEP_DEFAULTS: dict[str, dict[str, float]] = {
     "lcm": {"num_inference_steps": 4},

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import av
+import numpy as np
 import pytest
 
 
@@ -110,3 +111,50 @@ def test_creative_flag_errors(tiny_checkpoint, tmp_path, args, message):
                  "--out", str(tmp_path / "x.mp4"), *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_videos_carry_their_settings_info_and_from(tiny_checkpoint, tmp_path):
+    import json
+
+    first = tmp_path / "first.mp4"
+    result = run("generate", "a red fox", "--model", str(tiny_checkpoint), "--frames", "3", "--height", "32",
+                 "--width", "48", "--steps", "2", "--seed", "5", "--negative-prompt", "blurry", "--fps", "6",
+                 "--out", str(first), "--quiet")
+    assert result.returncode == 0, result.stderr
+    info = run("info", str(first), "--json")
+    assert info.returncode == 0, info.stderr
+    meta = json.loads(info.stdout)
+    assert meta["prompt"] == "a red fox" and meta["negative_prompt"] == "blurry" and meta["seed"] == 5
+    assert meta["sampler"] == "ddim" and meta["num_inference_steps"] == 2 and meta["guidance_scale"] == 9.0
+    assert (meta["height"], meta["width"], meta["num_frames"], meta["fps"]) == (32, 48, 3, 6)
+    assert meta["model"] == str(tiny_checkpoint) and meta["vidfusion"]
+    text = run("info", str(first))
+    assert "prompt: a red fox" in text.stdout and "seed: 5" in text.stdout
+    again = tmp_path / "again.mp4"
+    result = run("generate", "--from", str(first), "--out", str(again), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert again.read_bytes() == first.read_bytes()  # same settings, same frames, same bytes
+    changed = tmp_path / "changed.mp4"
+    result = run("generate", "--from", str(first), "--seed", "6", "--out", str(changed), "--quiet")
+    assert result.returncode == 0 and json.loads(run("info", str(changed), "--json").stdout)["seed"] == 6
+
+
+def test_random_seed_is_recorded(tiny_checkpoint, tmp_path):
+    import json
+
+    out = tmp_path / "r.gif"
+    assert run("generate", "a dog", "--model", str(tiny_checkpoint), "--frames", "2", "--steps", "1", "--out",
+               str(out), "--quiet").returncode == 0
+    assert isinstance(json.loads(run("info", str(out), "--json").stdout)["seed"], int)
+
+
+def test_info_and_from_errors(tmp_path):
+    from vidfusion import export_to_video
+
+    plain = export_to_video(np.zeros((2, 16, 16, 3), np.float32), tmp_path / "plain.mp4")
+    assert "no generation settings" in run("info", plain).stdout
+    for args, needle in [(("info", str(tmp_path / "missing.mp4")), "does not exist"),
+                         (("generate", "--from", plain), "holds no vidfusion settings"),
+                         (("generate",), "pass a prompt")]:
+        result = run(*args)
+        assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1

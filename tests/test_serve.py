@@ -237,3 +237,33 @@ def test_two_workers_share_the_queue_without_running_a_job_twice(tiny_checkpoint
     assert all(log.count(f"job {i}: running") == 1 for i in ids)
     with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:
         assert db.execute("SELECT MAX(attempts) FROM jobs").fetchone()[0] == 1
+
+
+def test_preview_poster_and_video_metadata(server, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vidfusion.video_io import read_metadata
+
+    with server.client() as c:
+        running = c.post("/v1/videos", json={**LONG, "prompt": "slow one"}).json()
+        queued = c.post("/v1/videos", json={**SMALL, "prompt": "a poster", "seed": 3}).json()
+        assert c.get(f"/v1/videos/{queued['id']}/preview").status_code == 404  # before its first step
+        wait_for(c, running["id"], predicate=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2)
+        r = c.get(f"/v1/videos/{running['id']}/preview")  # while it runs
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(r.content)).size == (64, 64)  # latents upscaled to the video size
+        assert c.get(f"/v1/videos/{running['id']}/poster").status_code == 404  # not finished
+        c.delete(f"/v1/videos/{running['id']}")
+        assert wait_for(c, queued["id"])["status"] == "succeeded"
+        r = c.get(f"/v1/videos/{queued['id']}/poster")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(r.content)).size == (32, 32)
+        assert c.get(f"/v1/videos/{queued['id']}/preview").status_code == 200  # still there after
+        assert server.client(token=None).get(f"/v1/videos/{queued['id']}/poster").status_code == 401
+        path = tmp_path / "v.mp4"
+        path.write_bytes(c.get(f"/v1/videos/{queued['id']}/content").content)
+        meta = read_metadata(path)
+        assert meta["prompt"] == "a poster" and meta["seed"] == 3 and meta["num_inference_steps"] == 2
+        assert meta["sampler"] == "ddim" and meta["model"] and meta["vidfusion"]

@@ -80,3 +80,51 @@ def test_bad_extension_and_failure_leave_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="encoder exploded"):
         export_to_video(clip(), tmp_path / "y.mp4")
     assert not list(tmp_path.iterdir())
+
+
+# ---- streamable, self-describing, deterministic files (issue 16) -------------------------------------------------
+
+def top_level_atoms(path):
+    import struct
+
+    data, atoms, i = open(path, "rb").read(), [], 0
+    while i + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[i:i + 8])
+        atoms.append(kind.decode())
+        i += size if size else len(data)
+    return atoms
+
+
+def test_mp4_index_comes_first(tmp_path):
+    atoms = top_level_atoms(export_to_video(clip(), tmp_path / "s.mp4"))
+    assert atoms.index("moov") < atoms.index("mdat"), atoms
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 64, 64, 3), np.float32), torch.zeros(0, 3, 64, 64), []])
+def test_no_frames_is_an_error_and_no_file(tmp_path, empty):
+    with pytest.raises(ValueError, match="no frames"):
+        export_to_video(empty, tmp_path / "x.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".gif"])
+def test_metadata_round_trip(tmp_path, suffix):
+    from vidfusion.video_io import read_metadata
+
+    meta = {"prompt": "a cat, " * 60 + "ünïcode", "seed": 7, "loras": [{"path": "a.pt", "weight": 0.5}]}
+    path = export_to_video(clip(), tmp_path / f"m{suffix}", fps=8, metadata=meta)
+    assert read_metadata(path) == meta
+    assert len(probe(path)[3]) == 6  # still a valid video
+    assert read_metadata(export_to_video(clip(), tmp_path / f"plain{suffix}")) == {}
+    with pytest.raises(ValueError, match="metadata must be a dict"):
+        export_to_video(clip(), tmp_path / f"bad{suffix}", metadata=["x"])
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".gif"])
+@pytest.mark.parametrize("size", [(48, 64), (40, 56)])
+def test_same_frames_same_bytes(tmp_path, suffix, size):
+    """Noise-like content at sizes that are not multiples of 16: encoded 12 times, byte-identical every time."""
+    frames = np.random.default_rng(0).random((5, *size, 3)).astype(np.float32)
+    outputs = {open(export_to_video(frames, tmp_path / f"{i}{suffix}", fps=8, metadata={"seed": 1}), "rb").read()
+               for i in range(12)}
+    assert len(outputs) == 1

@@ -49,6 +49,8 @@ def test_generate_from_the_page_plays_the_video(tiny_checkpoint, tmp_path, brows
         assert page.get_attribute("#download", "download").endswith(".mp4")
         page.wait_for_selector("#gallery .item")
         assert "a lighthouse in a storm" in page.inner_text("#gallery")
+        # the finished job's poster shows in the gallery
+        page.wait_for_function("[...document.querySelectorAll('#gallery img.poster')].some(i => i.naturalWidth > 0)")
 
         with srv.client() as c:  # the page went through the same queue as the API
             jobs = c.get("/v1/videos").json()["data"]
@@ -58,5 +60,27 @@ def test_generate_from_the_page_plays_the_video(tiny_checkpoint, tmp_path, brows
         page.fill("#num_frames", "500")  # over the server limit: the error is shown, naming the field
         page.click("#generate")
         page.wait_for_function("document.getElementById('error').textContent.includes('num_frames')")
+    finally:
+        srv.stop()
+
+
+def test_preview_updates_while_the_job_runs(tiny_checkpoint, tmp_path, browser):
+    srv = Server(tiny_checkpoint, tmp_path / "data").start()
+    try:
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        page.fill("#prompt", "a slow sunset")
+        for field, value in (("num_frames", "8"), ("width", "64"), ("height", "64"), ("num_inference_steps", "400")):
+            page.fill(f"#{field}", value)
+        page.click("#generate")
+        # a latent preview is on the page while the status still says running
+        page.wait_for_function("(() => { const i = document.getElementById('preview');"
+                               " return !i.hidden && i.naturalWidth === 64 &&"
+                               " document.getElementById('status').textContent.startsWith('running'); })()",
+                               timeout=60_000)
+        first = page.get_attribute("#preview", "src")
+        page.wait_for_function(f"document.getElementById('preview').src !== {first!r}")  # it updates
+        page.click("#cancel")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('cancelled')")
     finally:
         srv.stop()

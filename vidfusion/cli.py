@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate a video from a prompt (or restyle one: --init-video)")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=None)
+    gen.add_argument("--from", dest="from_file", default=None, metavar="VIDEO",
+                     help="regenerate a video vidfusion wrote, from the settings stored in it (flags override them)")
     _add_generation_options(gen, SAMPLER_NAMES)
     gen.add_argument("--frames", type=int, default=16)
     gen.add_argument("--height", type=int, default=None)
@@ -81,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-pixels", type=int, default=1024 * 1024, help="most height x width per frame")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_lora_options(srv)
+
+    info = sub.add_parser("info", help="print the generation settings stored in a video vidfusion wrote")
+    info.add_argument("video")
+    info.add_argument("--json", action="store_true", help="one JSON object")
 
     init = sub.add_parser("init-random", help="write a random-weight checkpoint in the published layout")
     init.add_argument("dir")
@@ -170,11 +177,11 @@ def _serve(args: argparse.Namespace) -> None:
         pipe.set_progress_bar_config(disable=True)
         pipes.append(pipe)
     size = pipes[0].unet.config.sample_size * pipes[0].vae_scale_factor
-    steps, guidance = pipes[0].default_steps_and_guidance()
+    _, steps, guidance = pipes[0].generation_defaults()
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
                              max_frames=args.max_frames, max_pixels=args.max_pixels, default_height=size,
                              default_width=size, model=str(args.model), default_steps=steps,
-                             default_guidance=guidance)
+                             default_guidance=guidance, video_metadata=_lora_metadata(args))
     app = create_app(JobStore(args.data_dir), pipes, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
@@ -206,6 +213,12 @@ def _lora_specs(args: argparse.Namespace) -> list[tuple[str, float]]:
     return specs
 
 
+def _lora_metadata(args: argparse.Namespace) -> dict:
+    meta = {"loras": [{"path": path, "weight": weight} for path, weight in _lora_specs(args)],
+            "lora_weight_name": args.lora_weight_name, "lora_target": args.lora_target, "turbo": args.turbo}
+    return {k: v for k, v in meta.items() if v not in (None, [], False)}
+
+
 def _apply_loras(pipe, args: argparse.Namespace) -> None:
     specs = _lora_specs(args)
     for path, weight in specs:
@@ -233,7 +246,67 @@ def _load(cls, args: argparse.Namespace):
     return pipe.compile() if args.compile else pipe
 
 
+# generation settings stored in every video the CLI writes: metadata key -> argument
+METADATA_ARGS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "keyframes": "keyframe", "seed": "seed",
+    "sampler": "sampler", "num_inference_steps": "steps", "guidance_scale": "guidance", "eta": "eta",
+    "height": "height", "width": "width", "num_frames": "frames", "fps": "fps", "model": "model",
+    "variant": "variant", "revision": "revision", "loras": "lora", "lora_weight_name": "lora_weight_name",
+    "lora_target": "lora_target", "turbo": "turbo", "init_video": "init_video", "strength": "strength",
+    "window_size": "window_size", "window_stride": "window_stride", "loop": "loop", "noise_prior": "noise_prior",
+    "base_noise_ratio": "base_noise_ratio", "freeu": "freeu", "free_init_iterations": "free_init_iterations",
+    "free_init_filter": "free_init_filter",
+}
+
+
+def _settings_from_video(args: argparse.Namespace, parser_defaults: dict) -> None:
+    """`generate --from VIDEO`: every setting stored in the video that was not given on the command line."""
+    from .video_io import read_metadata
+
+    stored = read_metadata(args.from_file)
+    if not stored.get("vidfusion"):
+        raise ValueError(f"'{args.from_file}' holds no vidfusion settings (only videos vidfusion wrote do)")
+    for key, attr in METADATA_ARGS.items():
+        if key in stored and getattr(args, attr) == parser_defaults.get(attr):
+            value = stored[key]
+            if key == "loras":
+                value = [f"{lora['path']}:{lora['weight']}" for lora in value]
+            setattr(args, attr, value)
+
+
+def _metadata(args: argparse.Namespace, pipe, options: dict, seed: int, fps: int) -> dict:
+    from . import __version__
+
+    sampler, steps, guidance = pipe.generation_defaults(options.get("sampler"))
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    values = {**vars(args), "sampler": sampler, "steps": options.get("num_inference_steps") or steps,
+              "guidance": options.get("guidance_scale", guidance), "seed": seed, "fps": fps,
+              "height": args.height or size, "width": args.width or size,
+              "lora": _lora_metadata(args).get("loras")}
+    if args.command == "upscale":
+        values["init_video"] = args.video
+    meta = {key: values.get(attr) for key, attr in METADATA_ARGS.items()}
+    meta = {k: v for k, v in meta.items() if v not in (None, [], False)}
+    return {"vidfusion": __version__, **meta}
+
+
+def _info(args: argparse.Namespace) -> str:
+    from .video_io import read_metadata
+
+    if not Path(args.video).is_file():
+        raise FileNotFoundError(f"video '{args.video}' does not exist")
+    meta = read_metadata(args.video)
+    if args.json:
+        return json.dumps(meta)
+    if not meta:
+        return f"{args.video}: no generation settings stored"
+    return "\n".join(f"{key}: {json.dumps(value) if isinstance(value, (list, dict)) else value}"
+                     for key, value in meta.items())
+
+
 def _generate(args: argparse.Namespace) -> list[str]:
+    import random
+
     import torch
 
     from .pipeline import TextToVideoPipeline
@@ -241,6 +314,8 @@ def _generate(args: argparse.Namespace) -> list[str]:
     from .video_io import CODECS, export_to_video, video_fps
 
     upscale = args.command == "upscale"
+    if args.prompt is None:
+        raise ValueError("pass a prompt (or --from VIDEO to regenerate a video vidfusion wrote)")
     init_video = args.video if upscale else args.init_video
     out = Path(args.out or f"{slugify(args.prompt)}{'-upscaled' if upscale else ''}.mp4")
     if out.suffix.lower() not in CODECS:
@@ -264,21 +339,30 @@ def _generate(args: argparse.Namespace) -> list[str]:
                            free_init_filter=args.free_init_filter)
     prompt = args.prompt if upscale else _keyframes(args.prompt, args.keyframe)
     pipe = _load(VideoToVideoPipeline if init_video else TextToVideoPipeline, args)
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    seed = args.seed if args.seed is not None else random.randrange(2**63)  # recorded, so the video can be remade
+    videos = 1 if upscale else args.num_videos
+    generator = [torch.Generator().manual_seed(seed + i) for i in range(videos)]  # video i: seed + i
     if init_video:
         options.update(video=init_video, strength=args.strength)
     frames = pipe(prompt, negative_prompt=args.negative_prompt, generator=generator, **options).frames
     if len(frames) == 1:
-        return [export_to_video(frames[0], out, fps=fps)]
-    return [export_to_video(clip, out.with_name(f"{out.stem}-{i + 1}{out.suffix}"), fps=fps)
+        return [export_to_video(frames[0], out, fps=fps, metadata=_metadata(args, pipe, options, seed, fps))]
+    return [export_to_video(clip, out.with_name(f"{out.stem}-{i + 1}{out.suffix}"), fps=fps,
+                            metadata=_metadata(args, pipe, options, seed + i, fps))
             for i, clip in enumerate(frames)]
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "generate" and args.from_file:
+            defaults = vars(parser.parse_args(["generate", "x"]))
+            _settings_from_video(args, {**defaults, "prompt": None})
         if args.command in ("generate", "upscale"):
             print("\n".join(_generate(args)))
+        elif args.command == "info":
+            print(_info(args))
         elif args.command == "serve":
             _serve(args)
         else:

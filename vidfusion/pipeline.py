@@ -236,9 +236,10 @@ class TextToVideoPipeline:
         base, preset = resolve_sampler(sampler)
         return base, sampler_options(base, dict(self.scheduler.config), preset)
 
-    def default_steps_and_guidance(self, sampler: str | None = None) -> tuple[int, float]:
-        """num_inference_steps and guidance_scale a call uses when they are not given (with this sampler)."""
-        return _step_defaults(self._sampler(sampler)[0], None, None)
+    def generation_defaults(self, sampler: str | None = None) -> tuple[str, int, float]:
+        """(sampler, num_inference_steps, guidance_scale) a call uses when they are not given."""
+        name = sampler or self._sampler(None)[0]
+        return (name, *_step_defaults(self._sampler(sampler)[0], None, None))
 
     def _guidance_condition(self, guidance_scale: float, batch: int) -> torch.Tensor | None:
         """The guidance scale as the UNet's guidance embedding (B, D) for a guidance-distilled UNet, else None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -46,12 +47,34 @@ def to_uint8_frames(frames: Any) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, fps: int = 8) -> str:
-    """Write one video's frames to `output_path` (.mp4 H.264 yuv420p, .webm VP9, .gif); default a temp .mp4.
-    The file appears complete or not at all. Returns the path."""
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3), even H and W -> planar YUV 4:2:0 (H * 3/2, W), BT.601 limited range (as swscale's
+    default), chroma averaged over 2x2 blocks. Deterministic, unlike a converter that may read buffer padding."""
+    x = rgb.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    h, w = r.shape
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    pooled = x.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    pr, pg, pb = pooled[..., 0], pooled[..., 1], pooled[..., 2]
+    u = 128 + (-37.797 * pr - 74.203 * pg + 112.0 * pb) / 255
+    v = 128 + (112.0 * pr - 93.786 * pg - 18.214 * pb) / 255
+    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8) for p in (y, u, v)]
+    return np.concatenate([p.ravel() for p in planes]).reshape(h * 3 // 2, w)  # Y, then U, then V (PyAV's layout)
+
+
+def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, fps: int = 8,
+                    metadata: dict[str, Any] | None = None) -> str:
+    """Write one video's frames to `output_path` (.mp4 H.264 yuv420p with the index first, .webm VP9, .gif);
+    default a temp .mp4. `metadata` (a JSON-serialisable dict, e.g. the generation settings) is stored as the
+    file's `comment` tag; `read_metadata` reads it back. The same frames give the same bytes. The file appears
+    complete or not at all. Returns the path."""
     import av
 
     video = to_uint8_frames(frames)
+    if len(video) == 0:
+        raise ValueError("no frames to export (the video is empty)")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
     if output_path is None:
         handle, output_path = tempfile.mkstemp(suffix=".mp4")
         os.close(handle)
@@ -69,21 +92,30 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
         h, w = video.shape[1:3]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    tags = {"comment": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else {}
+    # the index (moov) before the data, so players start before the whole file has arrived (a muxer option)
+    container_options = {"fflags": "+bitexact"}  # no random ids (Matroska UIDs) or version strings
+    if suffix == ".mp4":
+        container_options["movflags"] = "+faststart"
     try:
-        with av.open(tmp, mode="w") as container:
+        with av.open(tmp, mode="w", container_options=container_options) as container:
+            container.metadata.update(tags)
             stream = container.add_stream(CODECS[suffix], rate=_rate(fps))
             stream.width, stream.height = w, h
             if suffix == ".gif":
                 stream.pix_fmt = "rgb8"
+                frames = (av.VideoFrame.from_ndarray(frame, format="rgb24") for frame in video)
             else:
                 stream.pix_fmt = "yuv420p"
-                if suffix == ".mp4":
-                    stream.options = {"crf": "18", "movflags": "+faststart"}
-                else:
-                    stream.options = {"crf": "30", "b:v": "0"}
-            for frame in video:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+                # one encoder thread and our own RGB -> YUV 4:2:0: the same frames give the same bytes
+                stream.options = ({"crf": "18", "threads": "1"} if suffix == ".mp4"
+                                  else {"crf": "30", "b:v": "0", "threads": "1", "row-mt": "0"})
+                frames = (av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p") for frame in video)
+            for frame in frames:
+                container.mux(stream.encode(frame))
             container.mux(stream.encode())
+        if suffix == ".gif" and tags:  # the gif muxer writes no comment: add a GIF comment extension
+            Path(tmp).write_bytes(_gif_with_comment(Path(tmp).read_bytes(), tags["comment"]))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -113,6 +145,70 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     if not frames:
         raise ValueError(f"video '{path}' has no frames")
     return np.stack(frames)
+
+
+def _gif_blocks_start(data: bytes) -> int:
+    """Offset of the first block after a GIF's header, logical screen descriptor and global colour table."""
+    if data[:6] not in (b"GIF87a", b"GIF89a"):
+        raise ValueError("not a GIF file")
+    packed = data[10]
+    return 13 + (3 * 2 ** ((packed & 7) + 1) if packed & 0x80 else 0)
+
+
+def _gif_with_comment(data: bytes, text: str) -> bytes:
+    raw = text.encode()
+    blocks = b"".join(bytes([len(raw[i:i + 255])]) + raw[i:i + 255] for i in range(0, len(raw), 255))
+    start = _gif_blocks_start(data)
+    return data[:start] + b"\x21\xfe" + blocks + b"\x00" + data[start:]
+
+
+def _gif_comment(data: bytes) -> str | None:
+    """The first comment extension of a GIF (walking its blocks), or None."""
+
+    def sub_blocks(j: int) -> tuple[int, bytes]:  # -> (offset after the terminator, concatenated content)
+        out = bytearray()
+        while j < len(data) and data[j]:
+            out += data[j + 1:j + 1 + data[j]]
+            j += 1 + data[j]
+        return j + 1, bytes(out)
+
+    i = _gif_blocks_start(data)
+    while i < len(data):
+        if data[i] == 0x21:  # extension: label, then sub-blocks
+            label = data[i + 1]
+            i, content = sub_blocks(i + 2)
+            if label == 0xFE:
+                return content.decode(errors="replace")
+        elif data[i] == 0x2C:  # image: descriptor, optional local colour table, LZW code size, sub-blocks
+            packed = data[i + 9]
+            i, _ = sub_blocks(i + 10 + (3 * 2 ** ((packed & 7) + 1) if packed & 0x80 else 0) + 1)
+        else:  # trailer
+            break
+    return None
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata dict `export_to_video(..., metadata=...)` stored in a video file ({} if there is none)."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video '{path}' does not exist")
+    try:
+        if path.suffix.lower() == ".gif":
+            comment = _gif_comment(path.read_bytes())
+        else:
+            with av.open(str(path)) as container:
+                comment = container.metadata.get("comment") or container.metadata.get("COMMENT")
+    except (av.error.FFmpegError, ValueError, IndexError) as exc:
+        raise ValueError(f"cannot read video '{path}': {exc}") from None
+    if not comment:
+        return {}
+    try:
+        data = json.loads(comment)
+    except json.JSONDecodeError:
+        return {"comment": comment}
+    return data if isinstance(data, dict) else {"comment": comment}
 
 
 def video_fps(path: str | os.PathLike) -> float:

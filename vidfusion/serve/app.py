@@ -8,7 +8,7 @@ import ipaddress
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
@@ -33,6 +33,7 @@ class ServeSettings:
     model: str = ""
     default_steps: int = 50  # 4 when the server runs T2V-Turbo (--turbo)
     default_guidance: float = 9.0  # 7.5 for T2V-Turbo
+    video_metadata: dict[str, Any] = field(default_factory=dict)  # stored in every video beside its parameters
 
 
 class VideoRequest(BaseModel):
@@ -75,7 +76,8 @@ def is_loopback(host: str) -> bool:
 
 def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -> FastAPI:
     """The app around a job store and one loaded pipeline per device (one worker thread each)."""
-    workers = [Worker(store, pipe, str(getattr(pipe, "device", i))) for i, pipe in enumerate(pipes)]
+    base = {"model": settings.model, **settings.video_metadata}
+    workers = [Worker(store, pipe, str(getattr(pipe, "device", i)), base) for i, pipe in enumerate(pipes)]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -148,6 +150,23 @@ def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -
             raise HTTPException(404, f"job {job.id} has no video yet (status: {job.status})")
         return FileResponse(path, media_type="video/mp4", filename=f"vidfusion-{job.id}.mp4",
                             content_disposition_type="inline")
+
+    def image(path, job, what: str, media_type: str) -> FileResponse:
+        if not path.exists() or (what == "poster" and job.status != "succeeded"):
+            raise HTTPException(404, f"job {job.id} has no {what} yet (status: {job.status})")
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-store"})
+
+    @api.get("/videos/{job_id}/preview", response_class=FileResponse)
+    def video_preview(job_id: str) -> FileResponse:
+        """The latest step's latent preview (PNG, the middle frame): while a job runs and after."""
+        job = find(job_id)
+        return image(store.preview_path(job.id), job, "preview", "image/png")
+
+    @api.get("/videos/{job_id}/poster", response_class=FileResponse)
+    def video_poster(job_id: str) -> FileResponse:
+        """A frame of the finished video (JPEG)."""
+        job = find(job_id)
+        return image(store.poster_path(job.id), job, "poster", "image/jpeg")
 
     @api.delete("/videos/{job_id}")
     def cancel_video(job_id: str) -> dict[str, Any]:

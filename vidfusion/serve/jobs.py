@@ -75,7 +75,9 @@ class JobStore:
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
         self.video_dir = self.data_dir / "videos"
+        self.image_dir = self.data_dir / "images"  # latest-step previews and posters
         self.video_dir.mkdir(parents=True, exist_ok=True)
+        self.image_dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -96,10 +98,18 @@ class JobStore:
         """The server-chosen file of a job's video (job ids are server-made hex uuids)."""
         return self.video_dir / f"{job_id}.mp4"
 
+    def preview_path(self, job_id: str) -> Path:
+        """The latest step's latent preview of a job (PNG), replaced at every step."""
+        return self.image_dir / f"{job_id}.preview.png"
+
+    def poster_path(self, job_id: str) -> Path:
+        """A frame of a job's finished video (JPEG)."""
+        return self.image_dir / f"{job_id}.poster.jpg"
+
     def recover(self) -> list[str]:
         """After a crash: jobs left running go back to the queue (or fail after MAX_ATTEMPTS interruptions);
         half-written temp files are removed. Returns the ids that were requeued."""
-        for tmp in self.video_dir.glob(".*"):
+        for tmp in [*self.video_dir.glob(".*"), *self.image_dir.glob(".*")]:
             tmp.unlink(missing_ok=True)
         with self._lock:
             rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()

@@ -35,6 +35,9 @@ _PAGE = """<!doctype html>
   .item { border: 1px solid #ddd; border-radius: 6px; padding: .5rem; cursor: pointer; font-size: .8rem; }
   .item:hover { border-color: #4b5bdc; }
   .item .st { font-weight: 600; }
+  .item img { width: 100%; border-radius: 4px; display: block; margin-bottom: .3rem; }
+  #preview { width: 100%; max-height: 40vh; object-fit: contain; background: #000; border-radius: 6px;
+             image-rendering: pixelated; }
 </style>
 </head>
 <body>
@@ -68,6 +71,7 @@ _PAGE = """<!doctype html>
   <progress id="progress" max="1" value="0"></progress>
   <div id="status">Idle.</div>
   <div id="error"></div>
+  <img id="preview" alt="preview of the latest step" hidden>
   <video id="player" controls loop playsinline></video>
   <p><a id="download" href="#" hidden>Download mp4</a></p>
   <h2 style="font-size:1.05rem">Past jobs</h2>
@@ -113,7 +117,21 @@ function show(job) {
   $("status").textContent = job.status + " - step " + job.progress.step + " / " + job.progress.total;
   $("error").textContent = job.error || "";
 }
+async function image(path, img) {  // through fetch, so the token header is sent
+  const r = await api(path);
+  const old = img.src;
+  img.src = URL.createObjectURL(await r.blob());
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+}
+let previewStep = 0, previewBusy = false;
+async function preview(job) {  // the latest step's latent preview while the job runs
+  if (previewBusy || job.progress.step <= previewStep) return;
+  previewBusy = true; previewStep = job.progress.step;
+  try { await image("/v1/videos/" + job.id + "/preview", $("preview")); $("preview").hidden = false; }
+  catch (e) { /* not there yet */ } finally { previewBusy = false; }
+}
 async function play(job) {
+  $("preview").hidden = true;
   const r = await api("/v1/videos/" + job.id + "/content");
   const url = URL.createObjectURL(await r.blob());
   $("player").src = url;
@@ -134,7 +152,7 @@ async function watch(id) {  // server-sent events over fetch, so the token heade
     while ((i = buf.indexOf("\\n\\n")) >= 0) {
       const chunk = buf.slice(0, i); buf = buf.slice(i + 2);
       for (const line of chunk.split("\\n"))
-        if (line.startsWith("data: ")) { job = JSON.parse(line.slice(6)); show(job); }
+        if (line.startsWith("data: ")) { job = JSON.parse(line.slice(6)); show(job); preview(job); }
     }
   }
   return job;
@@ -146,6 +164,7 @@ $("form").addEventListener("submit", async (ev) => {
     const r = await api("/v1/videos", {method: "POST", body: JSON.stringify(params()),
                                        headers: {"Content-Type": "application/json"}});
     current = (await r.json()).id;
+    previewStep = 0;
     $("cancel").disabled = false;
     gallery();
     const job = await watch(current);
@@ -172,8 +191,14 @@ async function gallery() {
       const st = document.createElement("div"); st.className = "st"; st.textContent = job.status;
       const pr = document.createElement("div"); pr.textContent = job.params.prompt;
       const when = document.createElement("div"); when.textContent = (job.created_at || "").replace("T", " ");
+      if (job.status === "succeeded") {
+        const poster = document.createElement("img");
+        poster.alt = "poster"; poster.className = "poster";
+        d.append(poster);
+        image("/v1/videos/" + job.id + "/poster", poster).catch(() => poster.remove());
+        d.addEventListener("click", () => { show(job); play(job); });
+      }
       d.append(st, pr, when);
-      if (job.status === "succeeded") d.addEventListener("click", () => { show(job); play(job); });
       g.append(d);
     }
   } catch (e) { /* no token yet */ }

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..video_io import export_to_video
@@ -18,11 +21,28 @@ class JobCancelled(Exception):
     pass
 
 
+def write_image(frames: np.ndarray, path: Path, scale: int = 1) -> None:
+    """The middle frame of (F, H, W, 3) frames (uint8, or floats in [0, 1]) as PNG / JPEG by suffix, enlarged
+    `scale` times (nearest; latent previews are 1/8 of the video size), written to a temp name and renamed."""
+    from PIL import Image
+
+    frame = frames[len(frames) // 2]
+    if frame.dtype != np.uint8:
+        frame = (np.clip(frame, 0, 1) * 255).round().astype(np.uint8)
+    image = Image.fromarray(frame)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG" if path.suffix == ".png" else "JPEG", quality=90)
+    os.replace(tmp, path)
+
+
 class Worker(threading.Thread):
-    def __init__(self, store: JobStore, pipe: Any, name: str):
+    def __init__(self, store: JobStore, pipe: Any, name: str, video_metadata: dict[str, Any] | None = None):
         super().__init__(name=f"vidfusion-worker-{name}", daemon=True)
         self.store = store
         self.pipe = pipe
+        self.video_metadata = video_metadata or {}  # model, LoRAs: stored in each video beside its parameters
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -39,10 +59,21 @@ class Worker(threading.Thread):
                 continue
             self.run_job(job.id, job.params)
 
+    def _metadata(self, params: dict[str, Any]) -> dict[str, Any]:
+        from .. import __version__
+
+        keys = ("prompt", "negative_prompt", "seed", "sampler", "num_inference_steps", "guidance_scale", "height",
+                "width", "num_frames", "fps")
+        meta = {"vidfusion": __version__, **self.video_metadata, **{k: params.get(k) for k in keys}}
+        meta["sampler"] = meta["sampler"] or self.pipe.generation_defaults()[0]
+        return {k: v for k, v in meta.items() if v is not None}
+
     def run_job(self, job_id: str, params: dict[str, Any]) -> None:
         total = params["num_inference_steps"]
 
         def on_step(step: int, timestep: torch.Tensor, latents: torch.Tensor) -> None:
+            preview = self.pipe.preview(latents)[0]  # (F, h, w, 3) uint8 at latent size
+            write_image(preview, self.store.preview_path(job_id), scale=self.pipe.vae_scale_factor)
             still_running = self.store.progress(job_id, step + 1, total)
             if self._stop_event.is_set() or not still_running:
                 raise JobCancelled
@@ -56,7 +87,9 @@ class Worker(threading.Thread):
                                generator=generator, callback=on_step, output_type="np").frames[0]
             if self.store.status_of(job_id) != RUNNING:
                 return
-            export_to_video(frames, self.store.video_path(job_id), fps=params["fps"])
+            write_image(frames, self.store.poster_path(job_id))
+            export_to_video(frames, self.store.video_path(job_id), fps=params["fps"],
+                            metadata=self._metadata(params))
             if not self.store.finish(job_id, SUCCEEDED):  # cancelled while encoding: drop the file
                 self.store.video_path(job_id).unlink(missing_ok=True)
             log.info("job %s: succeeded", job_id)

@@ -85,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_lora_options(srv)
 
+    bat = sub.add_parser("batch", help="generate every row of a JSONL / CSV file (resumable; --ray to scale out)")
+    bat.add_argument("input", help="JSONL (or CSV with a header): prompt, optional id, seed, num_frames, ...")
+    bat.add_argument("--out-dir", required=True, help="videos <id>.<format> and manifest.jsonl")
+    bat.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
+    bat.add_argument("--variant", default=None)
+    bat.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
+    bat.add_argument("--device", default=None, help="without --ray (default: cuda when available, else cpu)")
+    bat.add_argument("--ray", default=None, metavar="ADDRESS",
+                     help="run on Ray Data: 'local' starts a local instance, 'auto' joins a running cluster")
+    bat.add_argument("--workers", type=int, default=None, help="with --ray: actors (default: one per GPU / CPU)")
+    bat.add_argument("--gpus-per-worker", type=float, default=None)
+    bat.add_argument("--cpus-per-worker", type=float, default=None)
+    bat.add_argument("--max-retries", type=int, default=1, help="retries of a row after a non-input error")
+    bat.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_lora_options(bat)
+
     info = sub.add_parser("info", help="print the generation settings stored in a video vidfusion wrote")
     info.add_argument("video")
     info.add_argument("--json", action="store_true", help="one JSON object")
@@ -290,6 +306,23 @@ def _metadata(args: argparse.Namespace, pipe, options: dict, seed: int, fps: int
     return {"vidfusion": __version__, **meta}
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import read_rows, run, summary
+
+    _check_at_least_one(args, "workers")
+    if args.max_retries < 0:
+        raise ValueError("--max-retries must be at least 0")
+    total = len(read_rows(args.input))  # input errors before anything loads
+    records = run(args.input, args.out_dir, model=args.model, variant=args.variant, dtype=args.dtype,
+                  device=args.device, ray=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                  cpus_per_worker=args.cpus_per_worker, loras=_lora_specs(args),
+                  lora_weight_name=args.lora_weight_name, lora_target=args.lora_target, turbo=args.turbo,
+                  max_retries=args.max_retries,
+                  progress=not args.quiet)
+    print(summary(records, total, args.out_dir))
+    return 0 if all(r["status"] == "succeeded" for r in records) and len(records) == total else 1
+
+
 def _info(args: argparse.Namespace) -> str:
     from .video_io import read_metadata
 
@@ -363,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(_generate(args)))
         elif args.command == "info":
             print(_info(args))
+        elif args.command == "batch":
+            return _batch(args)
         elif args.command == "serve":
             _serve(args)
         else:

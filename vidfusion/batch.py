@@ -1,0 +1,346 @@
+"""Batch generation: rows (JSONL / CSV) -> ids and seeds -> a runner (this process, or a Ray Data actor pool)
+-> atomic video files + DIR/manifest.jsonl. Resumable: finished rows are skipped, failed ones retried.
+
+    from vidfusion.batch import run
+    records = run("prompts.jsonl", "out/", model="damo-vilab/text-to-video-ms-1.7b")
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .schedules import SAMPLER_NAMES
+
+FIELDS = {"id": str, "prompt": str, "negative_prompt": str, "seed": int, "num_frames": int, "height": int,
+          "width": int, "num_inference_steps": int, "guidance_scale": float, "sampler": str, "fps": int,
+          "format": str}
+FORMATS = ("mp4", "webm", "gif")
+MANIFEST = "manifest.jsonl"
+# errors that are the row's own fault: recorded at once, never retried
+INPUT_ERRORS = (ValueError, TypeError, KeyError)
+
+
+class BatchInputError(ValueError):
+    """The input cannot be run at all (unknown field, duplicate id, unreadable file): nothing was started."""
+
+
+# ---- rows -----------------------------------------------------------------------------------------------------
+
+def read_rows(source: str | os.PathLike | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows from a JSONL file, a CSV file with a header, or dicts; checked, with ids and seeds filled in."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise BatchInputError(f"input file '{path}' does not exist")
+        raw = list(_read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path))
+    else:
+        raw = [(i + 1, dict(row)) for i, row in enumerate(source)]
+    rows, seen = [], {}
+    for number, row in raw:
+        row = _check_row(number, row)
+        if row["id"] in seen:
+            raise BatchInputError(f"rows {seen[row['id']]} and {number} have the same id {row['id']!r} (rows without "
+                                  "an id get one from their content: identical rows need ids of their own)")
+        seen[row["id"]] = number
+        rows.append(row)
+    if not rows:
+        raise BatchInputError("the input has no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BatchInputError(f"{path}, row {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise BatchInputError(f"{path}, row {number}: expected a JSON object")
+        yield number, row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, newline="") as f:
+        for number, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
+            if None in row:
+                raise BatchInputError(f"{path}, row {number}: more cells than header columns")
+            yield number, {k: _csv_value(k, v) for k, v in row.items() if v not in (None, "")}
+
+
+def _csv_value(field: str, value: str) -> Any:
+    kind = FIELDS.get(field)
+    try:
+        return kind(value) if kind in (int, float) else value
+    except ValueError:
+        return value  # the row fails with a clear error when it runs
+
+
+def _check_row(number: int, row: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(row) - set(FIELDS))
+    if unknown:
+        raise BatchInputError(f"row {number}: unknown field {unknown[0]!r}; fields are: {', '.join(FIELDS)}")
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise BatchInputError(f"row {number}: 'prompt' is required (a non-empty string)")
+    row = dict(row)
+    if row.get("id") is not None:
+        row["id"] = str(row["id"])
+        if not row["id"] or "/" in row["id"] or row["id"].startswith(".") or "\\" in row["id"]:
+            raise BatchInputError(f"row {number}: id {row['id']!r} cannot be a file name")
+    else:
+        content = json.dumps({k: v for k, v in row.items() if k != "id"}, sort_keys=True)
+        row["id"] = hashlib.sha256(content.encode()).hexdigest()[:16]
+    if row.get("seed") is None:
+        row["seed"] = int.from_bytes(hashlib.sha256(("seed:" + row["id"]).encode()).digest()[:8], "big") >> 1
+    return row
+
+
+# ---- one row --------------------------------------------------------------------------------------------------
+
+def generation_kwargs(row: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline arguments of a row (everything but id, seed, fps, format)."""
+    keys = ("negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "sampler")
+    return {k: row[k] for k in keys if row.get(k) is not None}
+
+
+def render_row(pipe, row: dict[str, Any], metadata: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """Generate one row's video: (the encoded file's bytes, for the driver to write; its full settings)."""
+    import torch
+
+    from . import __version__
+    from .video_io import export_to_video
+
+    fmt = row.get("format", "mp4")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if row.get("sampler") is not None and row["sampler"] not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {row['sampler']!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
+    fps = row.get("fps", 8)
+    generator = torch.Generator().manual_seed(int(row["seed"]))
+    frames = pipe(row["prompt"], generator=generator, output_type="np", **generation_kwargs(row)).frames[0]
+    sampler, steps, guidance = pipe.generation_defaults(row.get("sampler"))
+    settings = {"vidfusion": __version__, **metadata, "id": row["id"], "prompt": row["prompt"], "seed": row["seed"],
+                "sampler": sampler, "num_inference_steps": row.get("num_inference_steps", steps),
+                "guidance_scale": row.get("guidance_scale", guidance), "num_frames": len(frames),
+                "height": frames.shape[1], "width": frames.shape[2], "fps": fps,
+                **({"negative_prompt": row["negative_prompt"]} if row.get("negative_prompt") else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_to_video(frames, Path(tmp) / f"video.{fmt}", fps=fps, metadata=settings)
+        return Path(path).read_bytes(), {**settings, "format": fmt}
+
+
+class RowRenderer:
+    """Loads the pipeline once (in this process or in a Ray actor) and renders rows; a row's own error becomes
+    its result, so one bad row never stops the others."""
+
+    def __init__(self, model: str, variant: str | None = None, dtype: str | None = None, device: str | None = None,
+                 loras: list[tuple[str, float]] | None = None, lora_weight_name: str | None = None,
+                 lora_target: str | None = None, turbo: bool = False, threads: int | None = None):
+        import torch
+
+        from .pipeline import TextToVideoPipeline
+
+        if threads:
+            torch.set_num_threads(threads)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.startswith("cuda")
+                                                           else torch.float32)
+        self.pipe = TextToVideoPipeline.from_pretrained(model, dtype=torch_dtype, variant=variant).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        for path, weight in loras or []:
+            self.pipe.load_lora_weights(path, weight_name=lora_weight_name, scale=weight, target=lora_target)
+        if turbo:
+            self.pipe.load_lora_weights("jiachenli-ucsb/T2V-Turbo-MS", weight_name="unet_lora.pt",
+                                        adapter_name="t2v-turbo")
+        self.metadata = {"model": str(model), **({"loras": [{"path": p, "weight": w} for p, w in loras]}
+                                                 if loras else {}), **({"turbo": True} if turbo else {})}
+
+    def render(self, row: dict[str, Any], retries: int = 0) -> dict[str, Any]:
+        start = time.perf_counter()
+        for attempt in range(retries + 1):
+            try:
+                data, settings = render_row(self.pipe, row, self.metadata)
+                return {"id": row["id"], "data": data, "error": None, "seconds": time.perf_counter() - start,
+                        "settings": json.dumps(settings)}
+            except Exception as exc:  # a row's own error (bad value) at once; others (out of memory) after retries
+                if isinstance(exc, INPUT_ERRORS) or attempt == retries:
+                    return {"id": row["id"], "data": None, "error": _error(exc),
+                            "seconds": time.perf_counter() - start, "settings": ""}
+        raise AssertionError("unreachable")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        """Ray Data batch interface: columns of rows in, columns of results out."""
+        rows = [json.loads(item) for item in batch["row"]]
+        results = [self.render(row, int(batch["retries"][0])) for row in rows]
+        return {key: [r[key] if r[key] is not None else default for r in results]
+                for key, default in (("id", ""), ("data", b""), ("error", ""), ("seconds", 0.0), ("settings", ""))}
+
+
+def _error(exc: BaseException) -> str:
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}"[:1000]
+
+
+# ---- output folder --------------------------------------------------------------------------------------------
+
+class OutputDir:
+    """DIR/<id>.<format> written atomically, and DIR/manifest.jsonl: one line per finished row (the latest)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for tmp in self.path.glob(".*"):  # temp files of a run that was killed
+            if tmp.is_file() and tmp.suffix.lstrip(".") in FORMATS + ("tmp",):
+                tmp.unlink()
+        self.records = self._read_manifest()
+        self.compact()
+
+    def _read_manifest(self) -> dict[str, dict[str, Any]]:
+        records: dict[str, dict[str, Any]] = {}
+        manifest = self.path / MANIFEST
+        if manifest.is_file():
+            for line in manifest.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: that row runs again
+                if isinstance(record, dict) and "id" in record:
+                    records[record["id"]] = record
+        return records
+
+    def compact(self) -> None:
+        """Rewrite the manifest with the latest line of every id (atomically)."""
+        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=self.path)
+        with os.fdopen(fd, "w") as f:
+            for record in self.records.values():
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, self.path / MANIFEST)
+
+    def video_path(self, row: dict[str, Any]) -> Path:
+        return self.path / f"{row['id']}.{row.get('format', 'mp4')}"
+
+    def done(self, row: dict[str, Any]) -> bool:
+        record = self.records.get(row["id"])
+        return bool(record and record["status"] == "succeeded" and self.video_path(row).is_file())
+
+    def finish(self, row: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        data, error = result["data"] or None, result["error"] or None
+        path = self.video_path(row)
+        if data:
+            fd, tmp = tempfile.mkstemp(prefix=f".{row['id']}.", suffix=".tmp", dir=self.path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        # the full parameters the video was made with (defaults resolved), or those the row gave if it failed
+        params = json.loads(result["settings"]) if result.get("settings") else dict(row)
+        params = {k: v for k, v in params.items() if k not in ("id", "seed", "vidfusion")}
+        record = {"id": row["id"], "status": "succeeded" if data else "failed", "path": str(path) if data else None,
+                  "seed": row["seed"], "params": params, "seconds": round(float(result["seconds"]), 3),
+                  "error": error}
+        with open(self.path / MANIFEST, "a") as f:  # one whole line per finished row, flushed to disk
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[row["id"]] = record
+        return record
+
+
+# ---- runners --------------------------------------------------------------------------------------------------
+
+def run(rows_or_path: str | os.PathLike | Iterable[dict[str, Any]], out_dir: str | os.PathLike, *,
+        model: str = "damo-vilab/text-to-video-ms-1.7b", variant: str | None = None, dtype: str | None = None,
+        device: str | None = None, ray: str | None = None, workers: int | None = None,
+        gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
+        loras: list[tuple[str, float]] | None = None, lora_weight_name: str | None = None,
+        lora_target: str | None = None, turbo: bool = False, max_retries: int = 1,
+        progress: bool = True) -> list[dict[str, Any]]:
+    """Generate every row not already done in `out_dir`; returns the manifest records of all rows.
+    ray: None (this process), "local" (start a local Ray instance), "auto" or an address (a running cluster)."""
+    rows = read_rows(rows_or_path)
+    if not isinstance(max_retries, int) or max_retries < 0:
+        raise BatchInputError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    out = OutputDir(out_dir)
+    pending = [row for row in rows if not out.done(row)]
+    options = dict(model=model, variant=variant, dtype=dtype, loras=loras, lora_weight_name=lora_weight_name,
+                   lora_target=lora_target, turbo=turbo)
+    bar = _progress(len(rows), len(rows) - len(pending), progress)
+    by_id = {row["id"]: row for row in pending}
+    try:
+        if pending and ray is None:
+            renderer = RowRenderer(device=device, **options)
+            for row in pending:
+                bar(out.finish(row, renderer.render(row, max_retries)))
+        elif pending:
+            for result in _ray_results(pending, ray, workers, gpus_per_worker, cpus_per_worker, max_retries,
+                                       options):
+                bar(out.finish(by_id[result["id"]], result))
+    finally:
+        bar(None)
+        out.compact()
+    return [out.records[row["id"]] for row in rows if row["id"] in out.records]
+
+
+def _ray_results(rows: list[dict[str, Any]], address: str, workers: int | None, gpus: float | None,
+                 cpus: float | None, retries: int, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise BatchInputError('--ray needs Ray Data: pip install "vidfusion[ray]"') from None
+    if not ray.is_initialized():
+        quiet = {"log_to_driver": False, "logging_level": "ERROR"}
+        if address == "local":
+            ray.init(include_dashboard=False, **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts videos done / failed
+    context.print_on_execution_start = False
+    size = workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) // (gpus or cpus or 1)))
+    threads = max(1, int(cpus)) if cpus else None
+    dataset = ray.data.from_items([{"row": json.dumps(row), "retries": retries} for row in rows])
+    results = dataset.map_batches(
+        RowRenderer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+        fn_constructor_kwargs={**options, "threads": threads}, num_gpus=gpus or 0, num_cpus=cpus or 1,
+        max_restarts=-1, max_task_retries=-1)  # a killed worker is restarted and its rows redone
+    for result in results.iter_rows():
+        yield {k: (v.item() if hasattr(v, "item") and not isinstance(v, (bytes, str)) else v)
+               for k, v in result.items()}
+
+
+def _progress(total: int, done: int, enabled: bool) -> Callable[[dict[str, Any] | None], None]:
+    """A bar with rows done / failed / total and an ETA; call with each finished record, then with None."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=done, unit="video", disable=not enabled, desc="batch")
+    failed = 0
+
+    def update(record: dict[str, Any] | None) -> None:
+        nonlocal failed
+        if record is None:
+            bar.close()
+            return
+        failed += record["status"] == "failed"
+        bar.set_postfix(failed=failed, refresh=False)
+        bar.update()
+
+    return update
+
+
+def summary(records: list[dict[str, Any]], total: int, out_dir: str | os.PathLike) -> str:
+    failed = [r for r in records if r["status"] == "failed"]
+    succeeded = sum(r["status"] == "succeeded" for r in records)
+    line = f"{succeeded} of {total} videos in {out_dir}"
+    if failed:
+        line += f"; {len(failed)} failed (errors in {Path(out_dir) / MANIFEST}, e.g. {failed[0]['id']}: " \
+                f"{failed[0]['error']})"
+    return line

@@ -101,6 +101,35 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_lora_options(bat)
 
+    tr = sub.add_parser("train-lora", help="train a LoRA on your clips (appearance: spatial, motion: temporal)")
+    tr.add_argument("data", help="folder of videos + same-name .txt captions, a JSONL/CSV (video, prompt), or a video")
+    tr.add_argument("--out", required=True, help="output folder (LoRA, checkpoints, log, validation videos)")
+    tr.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
+    tr.add_argument("--prompt", default=None, help="caption of a single-video DATA")
+    tr.add_argument("--target", choices=("spatial", "temporal", "all"), default="temporal")
+    tr.add_argument("--rank", type=int, default=16)
+    tr.add_argument("--alpha", type=float, default=None, help="default: the rank")
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--batch-size", type=int, default=1)
+    tr.add_argument("--frames", type=int, default=16)
+    tr.add_argument("--height", type=int, default=256)
+    tr.add_argument("--width", type=int, default=256)
+    tr.add_argument("--fps", type=int, default=8)
+    tr.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--cache-latents", action="store_true", help="run the VAE once per clip")
+    tr.add_argument("--offset-noise", type=float, default=0.0)
+    tr.add_argument("--debias", action="store_true", help="temporal: MotionDirector's appearance-debiased loss")
+    tr.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA only)")
+    tr.add_argument("--checkpoint-every", type=int, default=100)
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--validation-prompt", default=None)
+    tr.add_argument("--validation-every", type=int, default=200)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
     info = sub.add_parser("info", help="print the generation settings stored in a video vidfusion wrote")
     info.add_argument("video")
     info.add_argument("--json", action="store_true", help="one JSON object")
@@ -398,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             print(_info(args))
         elif args.command == "batch":
             return _batch(args)
+        elif args.command == "train-lora":
+            from .train import TrainOptions, train_lora
+
+            names = set(TrainOptions.__dataclass_fields__) - {"progress"}
+            options = {k: v for k, v in vars(args).items() if k in names}
+            print(train_lora(args.data, args.out, progress=not args.quiet, **options))
         elif args.command == "serve":
             _serve(args)
         else:

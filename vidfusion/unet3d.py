@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import UNetConfig
@@ -176,6 +177,7 @@ class UNet3D(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         # FreeU (s1, s2, b1, b2) or None; like diffusers it is off unless all four are non-zero
         self.freeu: tuple[float, float, float, float] | None = None
+        self.gradient_checkpointing = False  # training: recompute each layer in the backward pass
         for i, layer in enumerate(self._cross_attentions()):
             layer.kv_index = i
 
@@ -190,6 +192,12 @@ class UNet3D(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
+
+    def _layer(self, block: Block3D, i: int, x: torch.Tensor, temb_act: torch.Tensor,
+               context: torch.Tensor | TextKV) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block.layer, i, x, temb_act, context, use_reentrant=False)
+        return block.layer(i, x, temb_act, context)
 
     @property
     def guidance_embedding_dim(self) -> int | None:
@@ -216,7 +224,7 @@ class UNet3D(nn.Module):
         skips = [x]
         for block in self.down_blocks:
             for i in range(len(block.resnets)):
-                x = block.layer(i, x, temb_act, context)
+                x = self._layer(block, i, x, temb_act, context)
                 skips.append(x)
             if hasattr(block, "downsamplers"):
                 x = block.downsamplers[0](x)
@@ -234,7 +242,7 @@ class UNet3D(nn.Module):
                     x = torch.cat([x[..., :half] * b_scale, x[..., half:]], dim=-1)
                     skip = fourier_filter(skip, s)
                 x = torch.cat([x, skip], dim=-1)
-                x = block.layer(i, x, temb_act, context)
+                x = self._layer(block, i, x, temb_act, context)
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x, size=skips[-1].shape[2:4])
 

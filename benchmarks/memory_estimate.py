@@ -112,6 +112,43 @@ def estimate(frames: int, height: int, width: int, dtype: torch.dtype, slicing: 
     return result
 
 
+def estimate_training(frames: int, height: int, width: int, dtype: torch.dtype, target: str, rank: int,
+                      checkpointing: bool) -> dict[str, float]:
+    """`vidfusion train-lora` on the GPU: frozen UNet in `dtype`, peft LoRA weights, their gradients and AdamW
+    state in float32, one training step (forward + backward, batch 1) with latents cached (the VAE and text
+    encoder are not resident during the loop)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from vidfusion.train import TARGETS
+
+    with torch.device("meta"):
+        unet = UNet3D(FULL_UNET).to(dtype)
+    fuse_upsample_convs(unet)
+    unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS[target]), unet)
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+    unet.gradient_checkpointing = checkpointing
+    lora = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    h, w = height // 8, width // 8
+    meta = dict(device="meta", dtype=dtype)
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = fused_attention
+    existing = {t.untyped_storage()._cdata for t in list(unet.parameters()) + list(unet.buffers())}
+    try:
+        with PeakMemory(existing) as tracker, torch.autocast("cuda", dtype=dtype, enabled=False):
+            out = unet(torch.empty(1, 4, frames, h, w, **meta), torch.tensor([500], device="meta"),
+                       torch.empty(1, 77, 1024, **meta))
+            out.float().square().mean().backward()
+            del out
+    finally:
+        F.scaled_dot_product_attention = original
+    frozen = sum(p.nbytes for p in unet.parameters() if not p.requires_grad)
+    lora_state = lora * 4 * 4  # float32 weights, gradients, Adam's two moments
+    return {"LoRA parameters (millions)": lora / 1e6 * GIB / GIB, "frozen UNet weights": frozen / GIB,
+            "LoRA weights + grads + AdamW": lora_state / GIB, "activations (forward + backward)": tracker.peak / GIB,
+            "peak": (frozen + lora_state + tracker.peak) / GIB}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int)
@@ -120,8 +157,19 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     parser.add_argument("--slicing", action="store_true", help="VAE decodes one frame at a time")
     parser.add_argument("--window", type=int, help="frames per UNet call (long videos)")
+    parser.add_argument("--train", choices=["spatial", "temporal", "all"], help="a LoRA training step instead")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.train:
+        frames, height, width = args.frames or 16, args.height, args.width
+        print(f"train-lora --target {args.train} --rank {args.rank}: {frames} frames {width}x{height} {args.dtype}"
+              + (" + gradient checkpointing" if args.gradient_checkpointing else ""))
+        for name, value in estimate_training(frames, height, width, dtype, args.train, args.rank,
+                                             args.gradient_checkpointing).items():
+            print(f"  {name:44s} {value:6.2f}" + ("" if "millions" in name else " GiB"))
+        return
     if args.frames:
         cases = [(args.frames, args.height, args.width, args.slicing, args.window)]
     else:  # issue 4's GPU cases; TextToVideoPipeline runs 64 frames as windows of 16 through the UNet

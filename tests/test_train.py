@@ -134,3 +134,19 @@ def test_bad_data_errors(tiny_checkpoint, clips, tmp_path):
     result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "train-lora", str(tmp_path / "nope"), "--out",
                              str(tmp_path / "o4")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_gpu_layout_group_norm_trains(monkeypatch):
+    """The layout-keeping GroupNorm (the GPU path) must support autograd: train-lora runs through it on CUDA."""
+    from torch import nn
+
+    from vidfusion import layers
+
+    monkeypatch.setattr(layers, "keeps_channels_last", lambda device: False)
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 3, 5, 5, 16, requires_grad=True)
+    y = layers.group_norm_cl(norm, x, batch_dims=1)
+    reference = nn.functional.group_norm(x.detach().permute(0, 4, 1, 2, 3), 4, norm.weight, norm.bias)
+    assert torch.allclose(y, reference.permute(0, 2, 3, 4, 1), atol=1e-5)
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -93,6 +93,8 @@ def group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor,
         var = (mean_sq - mean.square()).clamp_min(0)
     scale = torch.rsqrt(var + eps).unsqueeze(-1) * weight.float().view(groups, -1)  # (N, G, C/G)
     shift = bias.float().view(groups, -1) - mean.unsqueeze(-1) * scale
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # training: autograd has no out=
+        return torch.addcmul(shift.view(n, 1, c), x, scale.view(n, 1, c)).to(x.dtype)
     out = torch.empty_like(x)
     return torch.addcmul(shift.view(n, 1, c), x, scale.view(n, 1, c), out=out)
 

@@ -129,3 +129,88 @@ def test_bad_files(tmp_path):
         state_dict_of(read_checkpoint(tmp_path / "list.pth"), "list.pth")
     with pytest.raises(ConversionError, match="missing file"):
         read_checkpoint(tmp_path / "nope.pth")
+
+
+def test_vae_names_both_ways_and_decode_parity(tiny_checkpoint, tmp_path):
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    from vidfusion.config import VAEConfig
+    from vidfusion.loading import build_strict, read_json, read_weights
+    from vidfusion.original_format import vae_config_from, vae_to_diffusers, vae_to_original
+    from vidfusion.vae import AutoencoderKL
+
+    cfg = VAEConfig.from_dict(read_json(tiny_checkpoint / "vae" / "config.json"))
+    state = read_weights(tiny_checkpoint / "vae", None)
+    original = vae_to_original(state, cfg)
+    # the LDM names (2 levels here): decoder.up counts from the lowest resolution, diffusers' up_blocks from the top
+    for orig, diffusers in {"encoder.down.0.block.0.norm1.weight": "encoder.down_blocks.0.resnets.0.norm1.weight",
+                            "encoder.down.0.downsample.conv.weight": "encoder.down_blocks.0.downsamplers.0.conv.weight",
+                            "encoder.down.1.block.0.nin_shortcut.weight":
+                                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+                            "encoder.mid.attn_1.norm.weight": "encoder.mid_block.attentions.0.group_norm.weight",
+                            "encoder.mid.attn_1.proj_out.bias": "encoder.mid_block.attentions.0.to_out.0.bias",
+                            "encoder.norm_out.weight": "encoder.conv_norm_out.weight",
+                            "decoder.mid.block_2.conv1.weight": "decoder.mid_block.resnets.1.conv1.weight",
+                            "decoder.up.1.block.1.conv2.weight": "decoder.up_blocks.0.resnets.1.conv2.weight",
+                            "decoder.up.1.upsample.conv.weight": "decoder.up_blocks.0.upsamplers.0.conv.weight",
+                            "decoder.up.0.block.0.nin_shortcut.bias":
+                                "decoder.up_blocks.1.resnets.0.conv_shortcut.bias",
+                            "quant_conv.weight": "quant_conv.weight"}.items():
+        assert orig in original and torch.equal(original[orig], state[diffusers]), orig
+    assert original["decoder.mid.attn_1.q.weight"].shape == (32, 32, 1, 1)  # 1x1 convs in the original
+    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in original.items()}}, tmp_path / "vae.pth")
+    back = vae_to_diffusers(state_dict_of(read_checkpoint(tmp_path / "vae.pth"), "vae.pth", "first_stage_model."))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    derived = vae_config_from(back)
+    assert (derived.block_out_channels, derived.layers_per_block, derived.latent_channels) == (
+        cfg.block_out_channels, cfg.layers_per_block, cfg.latent_channels)
+    derived = VAEConfig(**{**derived.__dict__, "norm_num_groups": cfg.norm_num_groups})  # the tiny one uses 8
+    ours = build_strict(lambda: AutoencoderKL(derived), back, torch.float32, "vae")
+    reference = DiffusersVAE.from_pretrained(str(tiny_checkpoint), subfolder="vae")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours.decode(z), reference.decode(z).sample, atol=1e-4)
+
+
+def test_openclip_text_tower_both_ways():
+    """An OpenCLIP-named text tower (one block more than used, visual weights, projection) written here from the
+    published layout: resblocks.N.{ln_1, attn.in_proj_weight/bias (q; k; v), attn.out_proj, ln_2, mlp.c_fc,
+    mlp.c_proj}, token_embedding, positional_embedding, ln_final."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vidfusion.original_format import clip_to_openclip, clip_to_transformers
+
+    torch.manual_seed(0)
+    full = CLIPTextModel(CLIPTextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                                        num_hidden_layers=3, max_position_embeddings=77, hidden_act="gelu")).eval()
+    t = {k.removeprefix("text_model."): v for k, v in full.state_dict().items() if "position_ids" not in k}
+    openclip = {"token_embedding.weight": t["embeddings.token_embedding.weight"],
+                "positional_embedding": t["embeddings.position_embedding.weight"],
+                "ln_final.weight": t["final_layer_norm.weight"], "ln_final.bias": t["final_layer_norm.bias"],
+                "text_projection": torch.randn(64, 32), "logit_scale": torch.tensor(4.6),
+                "visual.conv1.weight": torch.randn(8, 3, 4, 4), "attn_mask": torch.zeros(77, 77)}
+    for i in range(3):
+        p, b = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for ours_name, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                                  ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
+                                  ("mlp.fc2", "mlp.c_proj")):
+            for kind in ("weight", "bias"):
+                openclip[f"{b}{theirs}.{kind}"] = t[f"{p}{ours_name}.{kind}"]
+        openclip[f"{b}attn.in_proj_weight"] = torch.cat([t[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"])
+        openclip[f"{b}attn.in_proj_bias"] = torch.cat([t[f"{p}self_attn.{x}_proj.bias"] for x in "qkv"])
+    converted, config = clip_to_transformers(openclip)
+    assert config["num_hidden_layers"] == 2 and config["projection_dim"] == 32 and config["hidden_act"] == "gelu"
+    config["num_attention_heads"] = 1  # width 64 -> one 64-wide head, as OpenCLIP
+    model = CLIPTextModel(CLIPTextConfig(**config)).eval()
+    model_state = {k.removeprefix("text_model."): k for k in model.state_dict() if "position_ids" not in k}
+    assert set(model_state) == set(converted)
+    model.load_state_dict({model_state[k]: v for k, v in converted.items()}, strict=False)
+    ids = torch.randint(0, 300, (2, 77), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the penultimate block, then ln_final
+        hidden = full(ids, output_hidden_states=True).hidden_states[-2]
+        expected = getattr(full, "text_model", full).final_layer_norm(hidden)
+        assert torch.allclose(model(ids)[0], expected, atol=1e-5)
+    back = clip_to_openclip(converted, extra=openclip)
+    assert back.keys() == openclip.keys() and all(torch.equal(back[k], openclip[k]) for k in openclip)
+    with pytest.raises(ConversionError, match="not part of an OpenCLIP text tower.*mystery"):
+        clip_to_transformers({**openclip, "mystery.weight": torch.zeros(1)})

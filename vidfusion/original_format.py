@@ -18,8 +18,14 @@ from typing import Any
 
 import torch
 
-from .config import UNetConfig
-from .convert import unet_name_to_diffusers, unet_name_to_original
+from .config import UNetConfig, VAEConfig
+from .convert import (
+    clip_name_to_transformers,
+    unet_name_to_diffusers,
+    unet_name_to_original,
+    vae_name_to_diffusers,
+    vae_name_to_original,
+)
 
 # the temporal transformers' proj_in / proj_out are Conv1d (C, C, 1) in the original UNet, Linear in diffusers'
 TEMPORAL_PROJ = re.compile(r"(^|\.)(transformer_in|temp_attentions\.\d+)\.(proj_in|proj_out)\.weight$")
@@ -152,3 +158,148 @@ def unet_to_original(state: dict[str, torch.Tensor], cfg: UNetConfig, where: str
     if unmatched:
         raise ConversionError(f"{where}: keys with no original name: {', '.join(unmatched[:8])}")
     return out
+
+
+def _first(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _count(state: dict[str, torch.Tensor], pattern: str, where: str) -> int:
+    found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
+    if not found:
+        raise ConversionError(f"{where}: no keys like {pattern!r}: not this kind of model")
+    return max(found) + 1
+
+
+# ---- VAE ------------------------------------------------------------------------------------------------------
+
+_VAE_ATTENTION_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+def vae_layout(state: dict[str, torch.Tensor], where: str) -> tuple[int, int]:
+    """(levels, resnets per encoder level) of an original-format VAE, read from its keys."""
+    return (_count(state, r"encoder\.down\.(\d+)\.", where),
+            _count(state, r"encoder\.down\.0\.block\.(\d+)\.", where))
+
+
+def vae_to_diffusers(state: dict[str, torch.Tensor], where: str = "VAE") -> dict[str, torch.Tensor]:
+    """An LDM AutoencoderKL state dict -> diffusers names (mid-block attention 1x1 convs -> linears)."""
+    levels, layers = vae_layout(state, where)
+    out, unmatched = {}, []
+    for key, value in state.items():
+        name = vae_name_to_diffusers(key, levels, layers)
+        if name is None:
+            unmatched.append(key)
+            continue
+        out[name] = value.flatten(1) if _VAE_ATTENTION_WEIGHT.search(name) and value.dim() == 4 else value
+    if unmatched:
+        raise ConversionError(f"{where}: keys that are not part of an LDM AutoencoderKL: {_first(unmatched)}")
+    return out
+
+
+def vae_to_original(state: dict[str, torch.Tensor], cfg: VAEConfig, where: str = "VAE") -> dict[str, torch.Tensor]:
+    levels = len(cfg.block_out_channels)
+    out, unmatched = {}, []
+    for key, value in state.items():
+        name = vae_name_to_original(key, levels, cfg.layers_per_block)
+        if name is None:
+            unmatched.append(key)
+            continue
+        out[name] = value[:, :, None, None] if _VAE_ATTENTION_WEIGHT.search(key) and value.dim() == 2 else value
+    if unmatched:
+        raise ConversionError(f"{where}: keys with no original name: {_first(unmatched)}")
+    return out
+
+
+def vae_config_from(state: dict[str, torch.Tensor], scaling_factor: float = 0.18215) -> VAEConfig:
+    """The VAE config a diffusers-named AutoencoderKL state dict implies (the original format stores none;
+    GroupNorm has 32 groups there)."""
+    levels = _count(state, r"encoder\.down_blocks\.(\d+)\.", "VAE")
+    channels = tuple(int(state[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in range(levels))
+    return VAEConfig(in_channels=int(state["encoder.conv_in.weight"].shape[1]),
+                     out_channels=int(state["decoder.conv_out.weight"].shape[0]),
+                     down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                     block_out_channels=channels,
+                     layers_per_block=_count(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", "VAE"),
+                     latent_channels=int(state["post_quant_conv.weight"].shape[0]), norm_num_groups=32,
+                     scaling_factor=scaling_factor)
+
+
+# ---- text encoder ---------------------------------------------------------------------------------------------
+
+_CLIP_UNUSED = re.compile(r"^(visual\.|text_projection|logit_scale|attn_mask)")
+
+
+def clip_to_transformers(state: dict[str, torch.Tensor], where: str = "text encoder"
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """OpenCLIP weights -> (CLIPTextModel state dict without the "text_model." prefix, its CLIPTextConfig kwargs).
+    The model uses the penultimate block's output, so the text model is built without the last block."""
+    blocks = _count(state, r"transformer\.resblocks\.(\d+)\.", where)
+    layers = blocks - 1
+    out, unmatched = {}, []
+    for key, value in state.items():
+        name = clip_name_to_transformers(key, layers)
+        if name is None:
+            if not (_CLIP_UNUSED.match(key) or key.startswith(f"transformer.resblocks.{layers}.")):
+                unmatched.append(key)
+            continue
+        if "{qkv}" in name:
+            for part, chunk in zip("qkv", value.chunk(3)):
+                out[name.format(qkv=part)] = chunk.clone()
+        else:
+            out[name] = value
+    if unmatched:
+        raise ConversionError(f"{where}: keys that are not part of an OpenCLIP text tower: {_first(unmatched)}")
+    width = int(state["token_embedding.weight"].shape[1])
+    config = dict(vocab_size=int(state["token_embedding.weight"].shape[0]), hidden_size=width,
+                  intermediate_size=int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+                  num_hidden_layers=layers, num_attention_heads=width // 64,  # OpenCLIP heads are 64 wide
+                  max_position_embeddings=int(state["positional_embedding"].shape[0]), hidden_act="gelu",
+                  layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+                  projection_dim=int(state["text_projection"].shape[1]) if "text_projection" in state else 512)
+    return out, config
+
+
+def clip_to_openclip(state: dict[str, torch.Tensor], extra: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel state dict (with or without "text_model.") -> OpenCLIP names; `extra` (an OpenCLIP state
+    dict, e.g. the original file) supplies what the text-to-video model does not keep: the last block, the
+    projection, the visual tower."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
+    layers = _count(state, r"encoder\.layers\.(\d+)\.", "text encoder")
+    inverse = {}
+    for key in state:
+        for candidate in _openclip_candidates(key, layers):
+            if clip_name_to_transformers(candidate, layers) in (key, _qkv_template(key)):
+                inverse[key] = candidate
+                break
+    missing = sorted(set(state) - set(inverse))
+    if missing:
+        raise ConversionError(f"text encoder: keys with no OpenCLIP name: {_first(missing)}")
+    out: dict[str, torch.Tensor] = {}
+    for key, name in inverse.items():
+        if name.endswith(("in_proj_weight", "in_proj_bias")):
+            if name not in out:
+                template = _qkv_template(key)
+                out[name] = torch.cat([state[template.format(qkv=p)] for p in "qkv"])
+        else:
+            out[name] = state[key]
+    for key, value in (extra or {}).items():
+        out.setdefault(key, value)
+    return out
+
+
+def _qkv_template(key: str) -> str:
+    return re.sub(r"self_attn\.[qkv]_proj\.", "self_attn.{qkv}_proj.", key)
+
+
+def _openclip_candidates(key: str, layers: int) -> list[str]:
+    m = re.match(r"encoder\.layers\.(\d+)\.(.+)$", key)
+    if m is None:
+        return ["token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias"]
+    i, rest = m.groups()
+    prefix = f"transformer.resblocks.{i}."
+    names = ["ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.out_proj.weight", "attn.out_proj.bias",
+             "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "attn.in_proj_weight",
+             "attn.in_proj_bias"]
+    return [prefix + n for n in names]

@@ -214,3 +214,114 @@ def test_openclip_text_tower_both_ways():
     assert back.keys() == openclip.keys() and all(torch.equal(back[k], openclip[k]) for k in openclip)
     with pytest.raises(ConversionError, match="not part of an OpenCLIP text tower.*mystery"):
         clip_to_transformers({**openclip, "mystery.weight": torch.zeros(1)})
+
+
+# ---- an original folder loads and gives diffusers' video ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny diffusers checkpoint with the original code's fixed choices (GroupNorm 32, OpenCLIP-width heads, the
+    CLIP BPE tokenizer padding with 0), and the same model as an original ModelScope folder."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vidfusion.original_format import clip_to_openclip, clip_tokenizer, unet_to_original, vae_to_original
+    from vidfusion.random_checkpoint import PUBLISHED_SCHEDULER
+
+    from .conftest import _randomize
+
+    root = tmp_path_factory.mktemp("original")
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(sample_size=8, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), block_out_channels=(32, 64),
+                                layers_per_block=1, norm_num_groups=32, cross_attention_dim=64, attention_head_dim=8)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu"))
+    for i, m in enumerate((unet, vae, text)):
+        _randomize(m, i)
+    tokenizer = clip_tokenizer(root / "tok")
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                 scheduler=DDIMScheduler.from_config(PUBLISHED_SCHEDULER))
+    pipe.save_pretrained(str(root / "diffusers"))
+    (root / "diffusers" / "scheduler" / "scheduler_config.json").write_text(json.dumps(PUBLISHED_SCHEDULER))
+
+    original = root / "original"
+    original.mkdir()
+    cfg = UNetConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in unet.config.items()
+                        if k in UNetConfig.__dataclass_fields__})
+    torch.save(unet_to_original(unet.state_dict(), cfg), original / "text2video_pytorch_model.pth")
+    from vidfusion.config import VAEConfig
+
+    vae_cfg = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2)
+    lightning = {"epoch": np.int64(3), "state_dict": {f"first_stage_model.{k}": v for k, v in
+                                                      vae_to_original(vae.state_dict(), vae_cfg).items()}}
+    torch.save(lightning, original / "VQGAN_autoencoder.pth")
+    extra = {f"transformer.resblocks.2.{k}": torch.randn(s) for k, s in
+             (("ln_1.weight", (64,)), ("attn.in_proj_weight", (192, 64)), ("mlp.c_fc.weight", (128, 64)))}
+    extra.update({"text_projection": torch.randn(64, 32), "visual.proj": torch.randn(16, 32)})
+    torch.save(clip_to_openclip(text.state_dict(), extra), original / "open_clip_pytorch_model.bin")
+    (original / "configuration.json").write_text(json.dumps({"framework": "pytorch", "task": "text-to-video-synthesis",
+        "model": {"type": "latent-text-to-video-synthesis",
+                  "model_args": {"ckpt_clip": "open_clip_pytorch_model.bin",
+                                 "ckpt_unet": "text2video_pytorch_model.pth",
+                                 "ckpt_autoencoder": "VQGAN_autoencoder.pth", "max_frames": 16, "tiny_gpu": 1},
+                  "model_cfg": {"unet_in_dim": 4, "unet_dim": 32, "unet_y_dim": 768, "unet_context_dim": 64,
+                                "unet_out_dim": 4, "unet_dim_mult": [1, 2], "unet_num_heads": 8, "unet_head_dim": 8,
+                                "unet_res_blocks": 1, "unet_attn_scales": [1], "unet_dropout": 0.1,
+                                "temporal_attention": "True", "num_timesteps": 1000, "mean_type": "eps"}}}))
+    return root / "diffusers", original
+
+
+def test_original_folder_gives_the_diffusers_video(folders):
+    from diffusers import TextToVideoSDPipeline
+
+    from vidfusion import DiffusionPipeline, TextToVideoPipeline
+
+    diffusers_folder, original = folders
+    reference = TextToVideoSDPipeline.from_pretrained(str(diffusers_folder))
+    reference.set_progress_bar_config(disable=True)
+    ours = TextToVideoPipeline.from_pretrained(original)
+    ours.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a cat is surfing", num_frames=3, height=32, width=32, num_inference_steps=3)
+    expected = reference(generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).frames
+    got = ours(generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).frames
+    rel = ((expected - got).abs().max() / expected.abs().max()).item()
+    assert rel < 1e-4, rel
+    assert type(DiffusionPipeline.from_pretrained(original)).__name__ == "TextToVideoSDPipeline"
+
+
+def test_missing_parts_come_from_arguments(folders, tmp_path):
+    import shutil
+
+    from vidfusion import TextToVideoPipeline
+    from vidfusion.loading import CheckpointError
+
+    diffusers_folder, original = folders
+    zs2 = tmp_path / "zs2_576w"  # Zeroscope ships UNet + CLIP only
+    shutil.copytree(original, zs2)
+    (zs2 / "VQGAN_autoencoder.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"no VAE file .*ckpt_autoencoder.*pass it with vae= \(CLI: --vae\)"):
+        TextToVideoPipeline.from_pretrained(zs2)
+    for source in (original / "VQGAN_autoencoder.pth", original, diffusers_folder):
+        pipe = TextToVideoPipeline.from_pretrained(zs2, vae=source)
+        assert pipe.vae.config.block_out_channels == (32, 64)
+    pipe = TextToVideoPipeline.from_pretrained(zs2, vae=original, text_encoder=diffusers_folder)
+    assert pipe.text_encoder.config.num_hidden_layers == 2
+    config = json_edit(zs2 / "configuration.json", lambda c: c["model"]["model_cfg"].pop("unet_dim"))
+    with pytest.raises(CheckpointError, match="model_cfg lacks unet_dim"):
+        TextToVideoPipeline.from_pretrained(zs2, vae=original)
+    assert config
+
+
+def json_edit(path, change):
+    import json
+
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    return config

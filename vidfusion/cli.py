@@ -160,6 +160,8 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
     p.add_argument("--vae-tiling", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE blocks (GPU; slow 1st call)")
+    p.add_argument("--vae", default=None, help="original ModelScope folders without a VAE: a file, folder or hub id")
+    p.add_argument("--clip", default=None, help="original folders without CLIP: a file, folder or hub id")
     _add_lora_options(p)
 
 
@@ -275,7 +277,8 @@ def _apply_loras(pipe, args: argparse.Namespace) -> None:
 def _load(cls, args: argparse.Namespace):
     device, dtype = _device_and_dtype(args.device, args.dtype)
     _lora_specs(args)
-    pipe = cls.from_pretrained(args.model, dtype=dtype, variant=args.variant, revision=args.revision)
+    pipe = cls.from_pretrained(args.model, dtype=dtype, variant=args.variant, revision=args.revision, vae=args.vae,
+                               text_encoder=args.clip)
     _apply_loras(pipe, args)
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=args.device)

@@ -303,14 +303,18 @@ def load_vae(folder: Path, dtype: torch.dtype, variant: str | None = None) -> Au
 
 
 def load_text_encoder(folder: Path, dtype: torch.dtype, variant: str | None = None):
+    raw = read_json(folder / "config.json")
+    return build_text_encoder(raw, read_weights(folder, variant, dtype), dtype, str(folder))
+
+
+def build_text_encoder(raw: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype, where: str):
+    """A transformers CLIPTextModel from its config dict and a state dict with or without "text_model."."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    raw = read_json(folder / "config.json")
     try:
         cfg = CLIPTextConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
     except Exception as exc:
-        raise CheckpointError(f"{folder / 'config.json'}: not a CLIP text model config ({exc})") from None
-    state = read_weights(folder, variant, dtype)
+        raise CheckpointError(f"{where}: not a CLIP text model config ({exc})") from None
     with torch.device("meta"):
         prefixed = any(k.startswith("text_model.") for k in CLIPTextModel(cfg).state_dict())
     # transformers < 5 names the keys "text_model.*" (as published); 5.x drops the prefix
@@ -318,7 +322,7 @@ def load_text_encoder(folder: Path, dtype: torch.dtype, variant: str | None = No
     state = rename_keys(state, renames, TEXT_ENCODER_DROPPED)
     if prefixed:
         state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
-    model = build_strict(lambda: CLIPTextModel(cfg), state, dtype, str(folder))
+    model = build_strict(lambda: CLIPTextModel(cfg), state, dtype, where)
     embeddings = getattr(model, "text_model", model).embeddings
     positions = torch.arange(cfg.max_position_embeddings).expand((1, -1))
     embeddings.register_buffer("position_ids", positions, persistent=False)
@@ -339,3 +343,87 @@ def load_tokenizer(folder: Path):
 
 def load_scheduler_config(folder: Path) -> dict[str, Any]:
     return read_json(folder / "scheduler_config.json")
+
+
+# ---- original ModelScope folders (configuration.json + .pth files; the formats live in original_format.py) -------
+
+def is_original_folder(folder: Path) -> bool:
+    return (folder / "configuration.json").is_file() and not (folder / "model_index.json").is_file()
+
+
+def load_original(folder: Path, dtype: torch.dtype, vae: str | os.PathLike | None = None,
+                  text_encoder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The components of an original-format folder; a part the folder lacks (Zeroscope's zs2_* folders ship UNet
+    and CLIP only) comes from `vae=` / `text_encoder=`: a file, an original folder, or a diffusers folder / hub id."""
+    from . import original_format as of
+
+    config = of.read_configuration(folder)
+    where = str(config["path"])
+    unet_cfg = of.unet_config_from(config["cfg"], where)
+    unet_file = _original_file(folder, config, "ckpt_unet", "UNet", None)
+    try:
+        state = of.unet_to_diffusers(of.read_original_state(unet_file), unet_cfg, str(unet_file))
+    except of.ConversionError as exc:
+        raise CheckpointError(str(exc)) from None
+    unet = fuse_upsample_convs(use_channels_last_weights(build_strict(lambda: UNet3D(unet_cfg), state, dtype,
+                                                                      str(unet_file))))
+    text, tokenizer = _original_text(folder, config, dtype, text_encoder)
+    return {"unet": unet, "vae": _original_vae(folder, config, dtype, vae), "text_encoder": text,
+            "tokenizer": tokenizer, "scheduler_config": of.scheduler_config_from(config["cfg"])}
+
+
+def _original_file(folder: Path, config: dict[str, Any], key: str, what: str, flag: str | None) -> Path:
+    from . import original_format as of
+
+    path = of.component_file(folder, config, key)
+    if path is None:
+        named = config["args"].get(key)
+        how = f"; pass it with {flag}" if flag else ""
+        raise CheckpointNotFoundError(f"{folder}: no {what} file (configuration.json model.model_args.{key} = "
+                                      f"{named!r}){how}")
+    return path
+
+
+def _other_source(source: str | os.PathLike) -> tuple[str, Path]:
+    """('file' | 'original' | 'diffusers', path) of a vae= / text_encoder= argument."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return "file", path
+    if path.is_dir() and is_original_folder(path):
+        return "original", path
+    return "diffusers", resolve_checkpoint(source)
+
+
+def _original_vae(folder: Path, config: dict[str, Any], dtype: torch.dtype, source) -> nn.Module:
+    from . import original_format as of
+
+    kind, path = ("original", folder) if source is None else _other_source(source)
+    if kind == "diffusers":
+        return load_vae(path / "vae", dtype)
+    if kind == "original":
+        how = "vae= (CLI: --vae) with a VAE file, an original folder or a diffusers folder / hub id"
+        path = _original_file(path, of.read_configuration(path), "ckpt_autoencoder", "VAE", how)
+    try:
+        state = of.vae_to_diffusers(of.read_original_state(path, "first_stage_model."), str(path))
+        cfg = of.vae_config_from(state)
+    except (of.ConversionError, KeyError) as exc:
+        raise CheckpointError(f"{path}: not an LDM AutoencoderKL checkpoint ({exc})") from None
+    return fuse_upsample_convs(use_channels_last_weights(build_strict(lambda: AutoencoderKL(cfg), state, dtype,
+                                                                      str(path))))
+
+
+def _original_text(folder: Path, config: dict[str, Any], dtype: torch.dtype, source):
+    from . import original_format as of
+
+    kind, path = ("original", folder) if source is None else _other_source(source)
+    if kind == "diffusers":
+        return load_text_encoder(path / "text_encoder", dtype), load_tokenizer(path / "tokenizer")
+    if kind == "original":
+        how = ("text_encoder= (CLI: --clip) with an OpenCLIP file, an original folder or a diffusers folder / "
+               "hub id")
+        path = _original_file(path, of.read_configuration(path), "ckpt_clip", "CLIP text encoder", how)
+    try:
+        state, cfg = of.clip_to_transformers(of.read_original_state(path), str(path))
+    except (of.ConversionError, KeyError) as exc:
+        raise CheckpointError(f"{path}: not an OpenCLIP checkpoint ({exc})") from None
+    return build_text_encoder(cfg, state, dtype, str(path)), of.clip_tokenizer()

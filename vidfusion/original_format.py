@@ -10,8 +10,11 @@ numpy scalars) loads without pytorch_lightning installed.
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import re
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,13 @@ from .convert import (
     vae_name_to_diffusers,
     vae_name_to_original,
 )
+from .loading import CheckpointError
 
 # the temporal transformers' proj_in / proj_out are Conv1d (C, C, 1) in the original UNet, Linear in diffusers'
 TEMPORAL_PROJ = re.compile(r"(^|\.)(transformer_in|temp_attentions\.\d+)\.(proj_in|proj_out)\.weight$")
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """A file or state dict that does not fit the format: names the file and the first offending keys."""
 
 
@@ -303,3 +307,119 @@ def _openclip_candidates(key: str, layers: int) -> list[str]:
              "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "attn.in_proj_weight",
              "attn.in_proj_bias"]
     return [prefix + n for n in names]
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------------------
+
+BPE_VOCAB = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def clip_tokenizer(cache_dir: str | Path | None = None):
+    """The CLIP BPE tokenizer OpenCLIP uses (49408 tokens, padded with id 0 as OpenCLIP pads), built from the
+    vocabulary shipped with vidfusion: no network, no open_clip_torch."""
+    import gzip
+    import json
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(cache_dir or Path(torch.hub.get_dir()).parent / "vidfusion" / "clip-bpe-tokenizer")
+    if not (folder / "vocab.json").is_file():
+        lines = gzip.open(BPE_VOCAB).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        symbols = list(_bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in lines]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        tmp = Path(tempfile.mkdtemp(prefix=".clip-bpe.", dir=_mkdir(folder.parent)))
+        (tmp / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=77)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---- an original release folder -------------------------------------------------------------------------------
+
+MODEL_CFG_FIELDS = ("unet_dim", "unet_dim_mult", "unet_res_blocks", "unet_attn_scales", "unet_head_dim",
+                    "unet_context_dim", "unet_in_dim", "unet_out_dim")
+
+
+def read_configuration(folder: Path) -> dict[str, Any]:
+    """configuration.json of an original folder, checked: model.model_cfg fields and model.model_args files."""
+    import json
+
+    path = folder / "configuration.json"
+    try:
+        config = json.loads(path.read_text())
+        model = config["model"]
+        cfg, args = model["model_cfg"], model.get("model_args", {})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConversionError(f"{path}: not a ModelScope configuration (needs model.model_cfg; {exc})") from None
+    missing = [k for k in MODEL_CFG_FIELDS if k not in cfg]
+    if missing:
+        raise ConversionError(f"{path}: model.model_cfg lacks {', '.join(missing)}")
+    return {"cfg": cfg, "args": args, "path": path}
+
+
+def unet_config_from(cfg: dict[str, Any], where: str) -> UNetConfig:
+    """model_cfg -> UNetConfig: channels unet_dim * unet_dim_mult, attention at the scales 1/2^level listed in
+    unet_attn_scales, heads of width unet_head_dim; GroupNorm with 32 groups as the original code."""
+    if cfg.get("unet_num_heads", 8) != 8:
+        raise ConversionError(f"{where}: unet_num_heads={cfg['unet_num_heads']} (the first temporal transformer's "
+                              "heads) is not supported; the published models use 8")
+    mults = list(cfg["unet_dim_mult"])
+    scales = [float(s) for s in cfg["unet_attn_scales"]]
+    attention = [any(abs(s - 0.5**level) < 1e-9 for s in scales) for level in range(len(mults))]
+    try:
+        unet_cfg = UNetConfig(
+            in_channels=int(cfg["unet_in_dim"]), out_channels=int(cfg["unet_out_dim"]),
+            block_out_channels=tuple(int(cfg["unet_dim"]) * int(m) for m in mults),
+            down_block_types=tuple("CrossAttnDownBlock3D" if a else "DownBlock3D" for a in attention),
+            up_block_types=tuple("CrossAttnUpBlock3D" if a else "UpBlock3D" for a in attention[::-1]),
+            layers_per_block=int(cfg["unet_res_blocks"]), attention_head_dim=int(cfg["unet_head_dim"]),
+            cross_attention_dim=int(cfg["unet_context_dim"]), norm_num_groups=32)
+        unet_cfg.validate(where)
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{where}: model_cfg does not describe a UNet ({exc})") from None
+    return unet_cfg
+
+
+def scheduler_config_from(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The original schedule as diffusers' published scheduler config: DDIM, scaled_linear 0.00085 -> 0.012."""
+    from .random_checkpoint import PUBLISHED_SCHEDULER
+
+    return {**PUBLISHED_SCHEDULER, "num_train_timesteps": int(cfg.get("num_timesteps", 1000))}
+
+
+def component_file(folder: Path, config: dict[str, Any], key: str) -> Path | None:
+    """The file model_args[key] names, relative to the folder (None when the folder has no such file)."""
+    name = config["args"].get(key)
+    if not name:
+        return None
+    path = (folder / name).resolve()
+    return path if path.is_file() else None
+
+
+def read_original_state(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return state_dict_of(load_file(path), str(path), prefix)
+    return state_dict_of(read_checkpoint(path), str(path), prefix)

@@ -66,9 +66,11 @@ class TextToVideoPipeline:
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         variant: str | None = None, revision: str | None = None,
                         device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
-                        compile: bool = False, **unused: Any) -> TextToVideoPipeline:
-        """Load a checkpoint folder in the diffusers layout or a hub id. `torch_dtype` is diffusers' name
-        for `dtype`; other diffusers loading options are not supported and raise."""
+                        compile: bool = False, vae: str | os.PathLike | None = None,
+                        text_encoder: str | os.PathLike | None = None, **unused: Any) -> TextToVideoPipeline:
+        """Load a checkpoint folder in the diffusers layout, a hub id, or an original ModelScope folder
+        (configuration.json + .pth files; `vae=` / `text_encoder=` supply parts it lacks). `torch_dtype` is
+        diffusers' name for `dtype`; other diffusers loading options are not supported and raise."""
         if unused:
             raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(sorted(unused))}")
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
@@ -77,19 +79,22 @@ class TextToVideoPipeline:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}")
         folder = loading.resolve_checkpoint(name_or_path, variant, revision)
-        loading.read_model_index(folder)
-        sched_cfg = loading.load_scheduler_config(folder / "scheduler")
+        if loading.is_original_folder(folder):
+            parts = loading.load_original(folder, dtype, vae, text_encoder)
+        else:
+            if vae is not None or text_encoder is not None:
+                raise ValueError("vae= / text_encoder= complete original ModelScope folders; this is a diffusers one")
+            loading.read_model_index(folder)
+            parts = {"unet": loading.load_unet(folder / "unet", dtype, variant),
+                     "vae": loading.load_vae(folder / "vae", dtype, variant),
+                     "text_encoder": loading.load_text_encoder(folder / "text_encoder", dtype, variant),
+                     "tokenizer": loading.load_tokenizer(folder / "tokenizer"),
+                     "scheduler_config": loading.load_scheduler_config(folder / "scheduler")}
         try:
-            scheduler = scheduler_from_checkpoint(sched_cfg, str(folder / "scheduler" / "scheduler_config.json"))
+            scheduler = scheduler_from_checkpoint(parts.pop("scheduler_config"), f"{folder}: scheduler config")
         except ValueError as exc:
             raise loading.CheckpointError(str(exc)) from None
-        pipe = cls(
-            unet=loading.load_unet(folder / "unet", dtype, variant),
-            vae=loading.load_vae(folder / "vae", dtype, variant),
-            text_encoder=loading.load_text_encoder(folder / "text_encoder", dtype, variant),
-            tokenizer=loading.load_tokenizer(folder / "tokenizer"),
-            scheduler=scheduler,
-        )
+        pipe = cls(**parts, scheduler=scheduler)
         pipe = pipe.to(device) if device is not None else pipe
         return pipe.compile() if compile else pipe
 
@@ -577,6 +582,7 @@ class DiffusionPipeline:
         from .video2video import VideoToVideoSDPipeline
 
         folder = loading.resolve_checkpoint(name_or_path, kwargs.get("variant"), kwargs.get("revision"))
-        video = loading.read_model_index(folder).get("_class_name") == "VideoToVideoSDPipeline"
+        original = loading.is_original_folder(folder)
+        video = not original and loading.read_model_index(folder).get("_class_name") == "VideoToVideoSDPipeline"
         # the resolved folder, so a hub id is listed and fetched once
         return (VideoToVideoSDPipeline if video else TextToVideoSDPipeline).from_pretrained(folder, **kwargs)

@@ -241,7 +241,7 @@ def test_cloneofsimo_lists_motiondirector(pipe, ref, tmp_path, ancestor, target)
 
 def test_stable_lora(pipe, ref, tmp_path):
     """sd-webui-text2video's format: original ModelScope names, loralib layouts, Conv3d deltas averaged."""
-    from vidfusion.convert import unet_name_to_original
+    from vidfusion.naming import unet_name_to_original
 
     g = torch.Generator().manual_seed(6)
     picks = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.temp_attentions.0.proj_in",

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import unet_name_to_diffusers
 from .layers import Linear, Upsample, fuse_upsample_convs
+from .naming import unet_name_to_diffusers
 
 LORA_FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth", ".ckpt")
 PREFERRED_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "unet_lora.pt",

@@ -1,5 +1,5 @@
 """The original ModelScope release files: a restricted reader for PyTorch checkpoints that may name arbitrary
-classes (PyTorch Lightning's), and UNet state dicts converted both ways with convert.py's rules.
+classes (PyTorch Lightning's), and UNet state dicts converted both ways with naming.py's rules.
 
 The reader never executes pickled code and needs none of the packages a checkpoint names: tensors are rebuilt from
 the archive's storages, a few known containers are real, and every other class becomes an inert placeholder that
@@ -22,14 +22,14 @@ from typing import Any
 import torch
 
 from .config import UNetConfig, VAEConfig
-from .convert import (
+from .loading import CheckpointError
+from .naming import (
     clip_name_to_transformers,
     unet_name_to_diffusers,
     unet_name_to_original,
     vae_name_to_diffusers,
     vae_name_to_original,
 )
-from .loading import CheckpointError
 
 # the temporal transformers' proj_in / proj_out are Conv1d (C, C, 1) in the original UNet, Linear in diffusers'
 TEMPORAL_PROJ = re.compile(r"(^|\.)(transformer_in|temp_attentions\.\d+)\.(proj_in|proj_out)\.weight$")
@@ -314,18 +314,6 @@ def _openclip_candidates(key: str, layers: int) -> list[str]:
 BPE_VOCAB = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable character table."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
 def clip_tokenizer(cache_dir: str | Path | None = None):
     """The CLIP BPE tokenizer OpenCLIP uses (49408 tokens, padded with id 0 as OpenCLIP pads), built from the
     vocabulary shipped with vidfusion: no network, no open_clip_torch."""
@@ -337,7 +325,9 @@ def clip_tokenizer(cache_dir: str | Path | None = None):
     folder = Path(cache_dir or Path(torch.hub.get_dir()).parent / "vidfusion" / "clip-bpe-tokenizer")
     if not (folder / "vocab.json").is_file():
         lines = gzip.open(BPE_VOCAB).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-        symbols = list(_bytes_to_unicode().values())
+        from .random_checkpoint import bytes_to_unicode
+
+        symbols = list(bytes_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in lines]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
         tmp = Path(tempfile.mkdtemp(prefix=".clip-bpe.", dir=_mkdir(folder.parent)))

@@ -41,7 +41,7 @@ WORDS = ("a", "an", "the", "cat", "dog", "is", "on", "in", "of", "and", "surfing
          "riding", "horse", "wave", "beach", "sunset", "city", "night", "blurry", "low", "quality")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
         range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
@@ -57,7 +57,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = WORDS) -> None:
     """A small byte-level BPE vocabulary in CLIP's format (vocab.json + merges.txt), with merges for `words`."""
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
     for word in words:

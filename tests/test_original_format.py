@@ -325,3 +325,46 @@ def json_edit(path, change):
     change(config)
     path.write_text(json.dumps(config))
     return config
+
+
+def test_convert_both_ways(folders, tmp_path):
+    import subprocess
+    import sys
+
+    from diffusers import TextToVideoSDPipeline
+
+    from vidfusion import TextToVideoPipeline, convert
+
+    _, original = folders
+    to_diffusers = convert(original, tmp_path / "as-diffusers")
+    assert sorted(p.name for p in to_diffusers.iterdir()) == ["model_index.json", "scheduler", "text_encoder",
+                                                              "tokenizer", "unet", "vae"]
+    kwargs = dict(prompt="a cat is surfing", num_frames=3, height=32, width=32, num_inference_steps=3,
+                  output_type="latent")
+    reference = TextToVideoSDPipeline.from_pretrained(str(to_diffusers))  # diffusers' own loader reads it
+    reference.set_progress_bar_config(disable=True)
+    ours = TextToVideoPipeline.from_pretrained(original)
+    ours.set_progress_bar_config(disable=True)
+    expected = reference(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    got = ours(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert ((expected - got).abs().max() / expected.abs().max()).item() < 1e-4
+
+    result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "convert", str(to_diffusers),
+                             str(tmp_path / "back"), "--clip", str(original)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    back = tmp_path / "back"
+    for name, prefix in (("text2video_pytorch_model.pth", ""), ("VQGAN_autoencoder.pth", "first_stage_model."),
+                         ("open_clip_pytorch_model.bin", "")):
+        a = state_dict_of(read_checkpoint(original / name), name, prefix)
+        b = state_dict_of(read_checkpoint(back / name), name, prefix)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # identical tensors
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert(to_diffusers, back)
+    with pytest.warns(UserWarning, match="left out"):
+        convert(to_diffusers, back, overwrite=True, dtype="float16")
+    assert read_checkpoint(back / "text2video_pytorch_model.pth")["out.2.weight"].dtype == torch.float16
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "convert", str(tmp_path / "nope"),
+                             str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "does not exist" in result.stderr

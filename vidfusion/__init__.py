@@ -1,6 +1,7 @@
 """vidfusion: fast, lean text-to-video diffusion for the ModelScope text-to-video-ms-1.7b family."""
 
 from .loading import CheckpointError, CheckpointNotFoundError
+from .original_format import convert
 from .pipeline import DiffusionPipeline, TextToVideoOutput, TextToVideoPipeline, TextToVideoSDPipeline
 from .schedulers import (
     DDIMScheduler,
@@ -39,6 +40,7 @@ __all__ = [
     "UniPCMultistepScheduler",
     "VideoToVideoPipeline",
     "VideoToVideoSDPipeline",
+    "convert",
     "export_to_video",
     "preview",
     "read_video",

@@ -130,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default=None)
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    conv = sub.add_parser("convert", help="convert a checkpoint: diffusers layout <-> original ModelScope layout")
+    conv.add_argument("src", help="a diffusers folder / hub id or an original folder (configuration.json)")
+    conv.add_argument("dst")
+    conv.add_argument("--to", choices=("diffusers", "original"), default=None, help="default: the other layout")
+    conv.add_argument("--dtype", choices=("float32", "float16"), default=None, help="default: as loaded (float32)")
+    conv.add_argument("--vae", default=None, help="from an original folder without a VAE: where to take it")
+    conv.add_argument("--clip", default=None,
+                      help="original folders without CLIP: where to take it; to original: the OpenCLIP file whose "
+                           "unused weights (last block, projection, visual) are copied")
+    conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+
     info = sub.add_parser("info", help="print the generation settings stored in a video vidfusion wrote")
     info.add_argument("video")
     info.add_argument("--json", action="store_true", help="one JSON object")
@@ -430,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
             print(_info(args))
         elif args.command == "batch":
             return _batch(args)
+        elif args.command == "convert":
+            from .original_format import convert
+
+            print(convert(args.src, args.dst, to=args.to, dtype=args.dtype, vae=args.vae, clip=args.clip,
+                          overwrite=args.overwrite))
         elif args.command == "train-lora":
             from .train import TrainOptions, train_lora
 

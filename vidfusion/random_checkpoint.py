@@ -98,7 +98,7 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> dict[str, 
     return state
 
 
-def _config_json(cfg, class_name: str) -> dict:
+def config_json(cfg, class_name: str) -> dict:
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     return {"_class_name": class_name, "_diffusers_version": "0.15.0.dev0", **data}
 
@@ -127,8 +127,8 @@ def write_random_checkpoint(folder: str | Path, preset: str = "tiny", seed: int 
     with torch.device("meta"):
         unet, vae = UNet3D(unet_cfg), AutoencoderKL(vae_cfg)
         text = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    save("unet", _config_json(unet_cfg, "UNet3DConditionModel"), _randomize(unet, generator), "diffusion_pytorch_model")
-    save("vae", _config_json(vae_cfg, "AutoencoderKL"), _randomize(vae, generator), "diffusion_pytorch_model")
+    save("unet", config_json(unet_cfg, "UNet3DConditionModel"), _randomize(unet, generator), "diffusion_pytorch_model")
+    save("vae", config_json(vae_cfg, "AutoencoderKL"), _randomize(vae, generator), "diffusion_pytorch_model")
     save("text_encoder", dict(text_cfg), _randomize(text, generator), "model")
     write_clip_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir(exist_ok=True)

@@ -132,36 +132,35 @@ def state_dict_of(obj: Any, where: str, prefix: str = "") -> dict[str, torch.Ten
     return dict(obj)
 
 
-def unet_to_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig, where: str = "UNet"
-                      ) -> dict[str, torch.Tensor]:
-    """An original-format UNet state dict -> diffusers key names and shapes (Conv1d projections -> Linear)."""
+def rename_state(state: dict[str, torch.Tensor], rename, reshape, problem: str) -> dict[str, torch.Tensor]:
+    """Every key renamed by `rename(key) -> str | None` and every value passed through `reshape(old key, new key,
+    value)`; keys without a new name are an error (`problem` says what they are, then the first of them)."""
     out, unmatched = {}, []
     for key, value in state.items():
-        name = unet_name_to_diffusers(key, cfg)
+        name = rename(key)
         if name is None:
             unmatched.append(key)
             continue
-        out[name] = value.squeeze(-1) if TEMPORAL_PROJ.search(name) and value.dim() == 3 else value
+        out[name] = reshape(key, name, value)
     if unmatched:
-        raise ConversionError(f"{where}: keys that are not part of the original UNet for this config: "
-                              f"{', '.join(unmatched[:8])}" + (f" ... ({len(unmatched)} in all)"
-                                                                if len(unmatched) > 8 else ""))
+        raise ConversionError(f"{problem}: {_first(unmatched)}")
     return out
+
+
+def unet_to_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig, where: str = "UNet"
+                      ) -> dict[str, torch.Tensor]:
+    """An original-format UNet state dict -> diffusers key names and shapes (Conv1d projections -> Linear)."""
+    return rename_state(state, lambda key: unet_name_to_diffusers(key, cfg),
+                        lambda key, name, v: v.squeeze(-1) if TEMPORAL_PROJ.search(name) and v.dim() == 3 else v,
+                        f"{where}: keys that are not part of the original UNet for this config")
 
 
 def unet_to_original(state: dict[str, torch.Tensor], cfg: UNetConfig, where: str = "UNet"
                      ) -> dict[str, torch.Tensor]:
     """A diffusers UNet state dict -> the original key names and shapes (Linear projections -> Conv1d (C, C, 1))."""
-    out, unmatched = {}, []
-    for key, value in state.items():
-        name = unet_name_to_original(key, cfg)
-        if name is None:
-            unmatched.append(key)
-            continue
-        out[name] = value.unsqueeze(-1) if TEMPORAL_PROJ.search(key) and value.dim() == 2 else value
-    if unmatched:
-        raise ConversionError(f"{where}: keys with no original name: {', '.join(unmatched[:8])}")
-    return out
+    return rename_state(state, lambda key: unet_name_to_original(key, cfg),
+                        lambda key, name, v: v.unsqueeze(-1) if TEMPORAL_PROJ.search(key) and v.dim() == 2 else v,
+                        f"{where}: keys with no original name")
 
 
 def _first(keys: list[str], n: int = 8) -> str:
@@ -189,30 +188,16 @@ def vae_layout(state: dict[str, torch.Tensor], where: str) -> tuple[int, int]:
 def vae_to_diffusers(state: dict[str, torch.Tensor], where: str = "VAE") -> dict[str, torch.Tensor]:
     """An LDM AutoencoderKL state dict -> diffusers names (mid-block attention 1x1 convs -> linears)."""
     levels, layers = vae_layout(state, where)
-    out, unmatched = {}, []
-    for key, value in state.items():
-        name = vae_name_to_diffusers(key, levels, layers)
-        if name is None:
-            unmatched.append(key)
-            continue
-        out[name] = value.flatten(1) if _VAE_ATTENTION_WEIGHT.search(name) and value.dim() == 4 else value
-    if unmatched:
-        raise ConversionError(f"{where}: keys that are not part of an LDM AutoencoderKL: {_first(unmatched)}")
-    return out
+    return rename_state(state, lambda key: vae_name_to_diffusers(key, levels, layers),
+                        lambda key, name, v: v.flatten(1) if _VAE_ATTENTION_WEIGHT.search(name) and v.dim() == 4 else v,
+                        f"{where}: keys that are not part of an LDM AutoencoderKL")
 
 
 def vae_to_original(state: dict[str, torch.Tensor], cfg: VAEConfig, where: str = "VAE") -> dict[str, torch.Tensor]:
     levels = len(cfg.block_out_channels)
-    out, unmatched = {}, []
-    for key, value in state.items():
-        name = vae_name_to_original(key, levels, cfg.layers_per_block)
-        if name is None:
-            unmatched.append(key)
-            continue
-        out[name] = value[:, :, None, None] if _VAE_ATTENTION_WEIGHT.search(key) and value.dim() == 2 else value
-    if unmatched:
-        raise ConversionError(f"{where}: keys with no original name: {_first(unmatched)}")
-    return out
+    return rename_state(state, lambda key: vae_name_to_original(key, levels, cfg.layers_per_block),
+                        lambda key, name, v: v[:, :, None, None] if _VAE_ATTENTION_WEIGHT.search(key) and v.dim() == 2
+                        else v, f"{where}: keys with no original name")
 
 
 def vae_config_from(state: dict[str, torch.Tensor], scaling_factor: float = 0.18215) -> VAEConfig:

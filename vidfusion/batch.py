@@ -143,6 +143,7 @@ class RowRenderer:
     its result, so one bad row never stops the others."""
 
     def __init__(self, model: str, variant: str | None = None, dtype: str | None = None, device: str | None = None,
+                 vae: str | None = None, clip: str | None = None,
                  loras: list[tuple[str, float]] | None = None, lora_weight_name: str | None = None,
                  lora_target: str | None = None, turbo: bool = False, threads: int | None = None):
         import torch
@@ -154,7 +155,8 @@ class RowRenderer:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.startswith("cuda")
                                                            else torch.float32)
-        self.pipe = TextToVideoPipeline.from_pretrained(model, dtype=torch_dtype, variant=variant).to(device)
+        self.pipe = TextToVideoPipeline.from_pretrained(model, dtype=torch_dtype, variant=variant, vae=vae,
+                                                        text_encoder=clip).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         for path, weight in loras or []:
             self.pipe.load_lora_weights(path, weight_name=lora_weight_name, scale=weight, target=lora_target)
@@ -258,6 +260,7 @@ class OutputDir:
 
 def run(rows_or_path: str | os.PathLike | Iterable[dict[str, Any]], out_dir: str | os.PathLike, *,
         model: str = "damo-vilab/text-to-video-ms-1.7b", variant: str | None = None, dtype: str | None = None,
+        vae: str | None = None, clip: str | None = None,
         device: str | None = None, ray: str | None = None, workers: int | None = None,
         gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
         loras: list[tuple[str, float]] | None = None, lora_weight_name: str | None = None,
@@ -270,7 +273,8 @@ def run(rows_or_path: str | os.PathLike | Iterable[dict[str, Any]], out_dir: str
         raise BatchInputError(f"max_retries must be an integer >= 0, got {max_retries!r}")
     out = OutputDir(out_dir)
     pending = [row for row in rows if not out.done(row)]
-    options = dict(model=model, variant=variant, dtype=dtype, loras=loras, lora_weight_name=lora_weight_name,
+    options = dict(model=model, variant=variant, dtype=dtype, vae=vae, clip=clip, loras=loras,
+                   lora_weight_name=lora_weight_name,
                    lora_target=lora_target, turbo=turbo)
     bar = _progress(len(rows), len(rows) - len(pending), progress)
     by_id = {row["id"]: row for row in pending}

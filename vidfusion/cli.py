@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="HTTP jobs API and web UI")
     srv.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
     srv.add_argument("--variant", default=None)
+    _add_part_options(srv)
     srv.add_argument("--revision", default=None)
     srv.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
     srv.add_argument("--device", action="append", default=None,
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--out-dir", required=True, help="videos <id>.<format> and manifest.jsonl")
     bat.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")
     bat.add_argument("--variant", default=None)
+    _add_part_options(bat)
     bat.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
     bat.add_argument("--device", default=None, help="without --ray (default: cuda when available, else cpu)")
     bat.add_argument("--ray", default=None, metavar="ADDRESS",
@@ -171,9 +173,13 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
     p.add_argument("--vae-tiling", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE blocks (GPU; slow 1st call)")
+    _add_part_options(p)
+    _add_lora_options(p)
+
+
+def _add_part_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, help="original ModelScope folders without a VAE: a file, folder or hub id")
     p.add_argument("--clip", default=None, help="original folders without CLIP: a file, folder or hub id")
-    _add_lora_options(p)
 
 
 def _add_lora_options(p: argparse.ArgumentParser) -> None:
@@ -230,7 +236,8 @@ def _serve(args: argparse.Namespace) -> None:
     for device in args.device or [None]:
         device, dtype = _device_and_dtype(device, args.dtype)
         pipe = TextToVideoPipeline.from_pretrained(args.model, dtype=dtype, variant=args.variant,
-                                                   revision=args.revision).to(device)
+                                                   revision=args.revision, vae=args.vae,
+                                                   text_encoder=args.clip).to(device)
         _apply_loras(pipe, args)
         pipe.set_progress_bar_config(disable=True)
         pipes.append(pipe)
@@ -356,7 +363,8 @@ def _batch(args: argparse.Namespace) -> int:
     if args.max_retries < 0:
         raise ValueError("--max-retries must be at least 0")
     total = len(read_rows(args.input))  # input errors before anything loads
-    records = run(args.input, args.out_dir, model=args.model, variant=args.variant, dtype=args.dtype,
+    records = run(args.input, args.out_dir, model=args.model, variant=args.variant, vae=args.vae, clip=args.clip,
+                  dtype=args.dtype,
                   device=args.device, ray=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                   cpus_per_worker=args.cpus_per_worker, loras=_lora_specs(args),
                   lora_weight_name=args.lora_weight_name, lora_target=args.lora_target, turbo=args.turbo,

@@ -235,11 +235,14 @@ def read_weights(folder: Path, variant: str | None, dtype: torch.dtype | None = 
         state.update(_read_one(folder / shard, dtype))
     absent = sorted(set(weight_map) - set(state))
     if absent:
-        raise CheckpointError(f"{folder / chosen}: keys listed in the index are not in the shards: {_names(absent)}")
+        raise CheckpointError(f"{folder / chosen}: keys listed in the index are not in the shards: "
+                              f"{first_keys(absent)}")
     return state
 
 
-def _names(keys: list[str], limit: int = 8) -> str:
+def first_keys(keys, limit: int = 8) -> str:
+    """The first `limit` keys (or names) for an error message, and how many there are in all."""
+    keys = list(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
@@ -267,11 +270,11 @@ def build_strict(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     problems = []
     if missing:
-        problems.append(f"missing keys: {_names(missing)}")
+        problems.append(f"missing keys: {first_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
+        problems.append(f"unexpected keys: {first_keys(unexpected)}")
     if wrong:
-        problems.append("wrong shapes: " + _names(
+        problems.append("wrong shapes: " + first_keys(
             [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong]))
     if problems:
         raise CheckpointError(f"{where}: weights do not match the config ({'; '.join(problems)})")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .layers import Linear, Upsample, fuse_upsample_convs
+from .loading import first_keys
 from .naming import unet_name_to_diffusers
 
 LORA_FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth", ".ckpt")
@@ -194,13 +195,9 @@ def detect_format(lora: LoraFile) -> str:
         return "peft"
     if any(re.search(r"\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$", k) for k in keys):
         return "diffusers"
-    raise LoraError(f"{lora.source}: no LoRA format recognised (first keys: {_first(keys)}); supported: diffusers/PEFT "
-                    "(lora_A/lora_B), kohya (lora_unet_*), cloneofsimo lists (.pt), Stable LoRA (.lora_A/.lora_B)")
-
-
-def _first(items, n: int = 5) -> str:
-    items = list(items)
-    return ", ".join(map(str, items[:n])) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+    raise LoraError(f"{lora.source}: no LoRA format recognised (first keys: {first_keys(keys, 5)}); supported: "
+                    "diffusers/PEFT (lora_A/lora_B), kohya (lora_unet_*), cloneofsimo lists (.pt), "
+                    "Stable LoRA (.lora_A/.lora_B)")
 
 
 class ModelIndex:
@@ -259,11 +256,11 @@ def _collect(pairs: dict[str, dict[str, torch.Tensor]], index: ModelIndex, fmt: 
             continue
         layers[path] = LoraLayer(parts["up"], parts["down"], scale_of(module, parts))
     if incomplete:
-        raise LoraError(f"{source}: {fmt} LoRA: up or down weight missing for {_first(incomplete)}")
+        raise LoraError(f"{source}: {fmt} LoRA: up or down weight missing for {first_keys(incomplete, 5)}")
     if unmatched:
         hint = " (a LoRA for another architecture, e.g. Stable Diffusion?)" if not layers else ""
         raise LoraError(f"{source}: {fmt} LoRA: {len(unmatched)} of {len(pairs)} modules match no layer of this "
-                        f"model{hint}: {_first(unmatched)}")
+                        f"model{hint}: {first_keys(unmatched, 5)}")
     return layers
 
 
@@ -296,7 +293,7 @@ def _from_state_dict(lora: LoraFile, index: ModelIndex, fmt: str) -> dict[str, L
             pairs.setdefault(m.group(1), {})[roles[m.group(2)]] = tensor
     if ignored:
         raise LoraError(f"{lora.source}: {fmt} LoRA: keys that are not LoRA weights (DoRA / bias / other adapters "
-                        f"are not supported): {_first(ignored)}")
+                        f"are not supported): {first_keys(ignored, 5)}")
     config = lora.peft_config or {}
     if config.get("use_dora"):
         raise LoraError(f"{lora.source}: DoRA adapters (use_dora) are not supported")
@@ -330,7 +327,7 @@ def _from_stable_lora(lora: LoraFile, index: ModelIndex) -> dict[str, LoraLayer]
             raise LoraError(f"{lora.source}: stable-lora LoRA: unexpected key {key}")
     if biases:
         warnings.warn(f"{lora.source}: Stable LoRA bias entries are not applied (as in sd-webui-text2video): "
-                      f"{_first(biases)}", stacklevel=4)
+                      f"{first_keys(biases, 5)}", stacklevel=4)
 
     def resolve(module: str) -> str | None:
         name = unet_name_to_diffusers(module.removeprefix("model.diffusion_model."), cfg)
@@ -363,8 +360,8 @@ def list_candidates(unet: nn.Module, target: str, guidance_dim: int | None = Non
     for name, module in ordered:
         if isinstance(module, TARGET_LAYERS):
             found.append((f"unet.{name}", module.weight.shape))
-        if name == "time_embedding.linear_1" and ancestor is None and guidance_dim and module is not None \
-                and unet.time_embedding.cond_proj is None:
+        if name == "time_embedding.linear_1" and ancestor is None and guidance_dim and \
+                unet.time_embedding.cond_proj is None:
             found.append(("unet.time_embedding.cond_proj", torch.Size((module.in_features, guidance_dim))))
     return found
 
@@ -425,7 +422,7 @@ def build_adapter(lora: LoraFile, index: ModelIndex, name: str, target: str | No
                 wrong.append(f"{path}: {problem}")
     if wrong:
         raise LoraError(f"{lora.source}: {fmt} LoRA: shapes do not fit this model (a LoRA for another architecture?): "
-                        f"{_first(wrong, 3)}")
+                        f"{first_keys(wrong, 3)}")
     return Adapter(name, fmt, lora.source, layers, guidance_dim)
 
 

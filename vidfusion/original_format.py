@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .config import UNetConfig, VAEConfig
-from .loading import CheckpointError
+from .loading import CheckpointError, first_keys
 from .naming import (
     clip_name_to_transformers,
     unet_name_to_diffusers,
@@ -143,7 +143,7 @@ def rename_state(state: dict[str, torch.Tensor], rename, reshape, problem: str) 
             continue
         out[name] = reshape(key, name, value)
     if unmatched:
-        raise ConversionError(f"{problem}: {_first(unmatched)}")
+        raise ConversionError(f"{problem}: {first_keys(unmatched)}")
     return out
 
 
@@ -161,10 +161,6 @@ def unet_to_original(state: dict[str, torch.Tensor], cfg: UNetConfig, where: str
     return rename_state(state, lambda key: unet_name_to_original(key, cfg),
                         lambda key, name, v: v.unsqueeze(-1) if TEMPORAL_PROJ.search(key) and v.dim() == 2 else v,
                         f"{where}: keys with no original name")
-
-
-def _first(keys: list[str], n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def _count(state: dict[str, torch.Tensor], pattern: str, where: str) -> int:
@@ -238,7 +234,8 @@ def clip_to_transformers(state: dict[str, torch.Tensor], where: str = "text enco
         else:
             out[name] = value
     if unmatched:
-        raise ConversionError(f"{where}: keys that are not part of an OpenCLIP text tower: {_first(unmatched)}")
+        raise ConversionError(f"{where}: keys that are not part of an OpenCLIP text tower: "
+                              f"{first_keys(unmatched)}")
     width = int(state["token_embedding.weight"].shape[1])
     config = dict(vocab_size=int(state["token_embedding.weight"].shape[0]), hidden_size=width,
                   intermediate_size=int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
@@ -264,7 +261,7 @@ def clip_to_openclip(state: dict[str, torch.Tensor], extra: dict[str, torch.Tens
                 break
     missing = sorted(set(state) - set(inverse))
     if missing:
-        raise ConversionError(f"text encoder: keys with no OpenCLIP name: {_first(missing)}")
+        raise ConversionError(f"text encoder: keys with no OpenCLIP name: {first_keys(missing)}")
     out: dict[str, torch.Tensor] = {}
     for key, name in inverse.items():
         if name.endswith(("in_proj_weight", "in_proj_bias")):

@@ -116,7 +116,7 @@ def render_row(pipe, row: dict[str, Any], metadata: dict[str, Any]) -> tuple[byt
     """Generate one row's video: (the encoded file's bytes, for the driver to write; its full settings)."""
     import torch
 
-    from . import __version__
+    from .pipeline import generation_settings
     from .video_io import export_to_video
 
     fmt = row.get("format", "mp4")
@@ -127,12 +127,8 @@ def render_row(pipe, row: dict[str, Any], metadata: dict[str, Any]) -> tuple[byt
     fps = row.get("fps", 8)
     generator = torch.Generator().manual_seed(int(row["seed"]))
     frames = pipe(row["prompt"], generator=generator, output_type="np", **generation_kwargs(row)).frames[0]
-    sampler, steps, guidance = pipe.generation_defaults(row.get("sampler"))
-    settings = {"vidfusion": __version__, **metadata, "id": row["id"], "prompt": row["prompt"], "seed": row["seed"],
-                "sampler": sampler, "num_inference_steps": row.get("num_inference_steps", steps),
-                "guidance_scale": row.get("guidance_scale", guidance), "num_frames": len(frames),
-                "height": frames.shape[1], "width": frames.shape[2], "fps": fps,
-                **({"negative_prompt": row["negative_prompt"]} if row.get("negative_prompt") else {})}
+    made = {**row, "num_frames": len(frames), "height": frames.shape[1], "width": frames.shape[2], "fps": fps}
+    settings = generation_settings(pipe, made, **metadata, id=row["id"])
     with tempfile.TemporaryDirectory() as tmp:
         path = export_to_video(frames, Path(tmp) / f"video.{fmt}", fps=fps, metadata=settings)
         return Path(path).read_bytes(), {**settings, "format": fmt}

@@ -496,6 +496,22 @@ def _repeat(items, times: int):
     return [item for item in items for _ in range(times)]
 
 
+SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "num_frames", "height", "width", "fps")
+
+
+def generation_settings(pipe: TextToVideoPipeline, params: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The settings a video was made with, as stored in the files the service and batch jobs write: the call's
+    parameters with the sampler, steps and guidance it defaulted to, the vidfusion version and `extra`."""
+    from . import __version__
+
+    sampler, steps, guidance = pipe.generation_defaults(params.get("sampler"))
+    given = {"num_inference_steps": params.get("num_inference_steps"), "guidance_scale": params.get("guidance_scale")}
+    settings = {"vidfusion": __version__, **extra, **{k: params.get(k) for k in SETTINGS_KEYS}, "sampler": sampler,
+                "num_inference_steps": steps if given["num_inference_steps"] is None else given["num_inference_steps"],
+                "guidance_scale": guidance if given["guidance_scale"] is None else given["guidance_scale"]}
+    return {k: v for k, v in settings.items() if v not in (None, "")}
+
+
 def _step_defaults(sampler: str, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
     """num_inference_steps and guidance_scale when not given: the few-step samplers' own, else 50 and 9."""
     defaults = {"num_inference_steps": 50, "guidance_scale": 9.0, **FEW_STEP_DEFAULTS.get(sampler, {})}

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..pipeline import generation_settings
 from ..video_io import export_to_video
 from .jobs import FAILED, RUNNING, SUCCEEDED, JobStore
 
@@ -59,15 +60,6 @@ class Worker(threading.Thread):
                 continue
             self.run_job(job.id, job.params)
 
-    def _metadata(self, params: dict[str, Any]) -> dict[str, Any]:
-        from .. import __version__
-
-        keys = ("prompt", "negative_prompt", "seed", "sampler", "num_inference_steps", "guidance_scale", "height",
-                "width", "num_frames", "fps")
-        meta = {"vidfusion": __version__, **self.video_metadata, **{k: params.get(k) for k in keys}}
-        meta["sampler"] = meta["sampler"] or self.pipe.generation_defaults()[0]
-        return {k: v for k, v in meta.items() if v is not None}
-
     def run_job(self, job_id: str, params: dict[str, Any]) -> None:
         total = params["num_inference_steps"]
 
@@ -89,7 +81,7 @@ class Worker(threading.Thread):
                 return
             write_image(frames, self.store.poster_path(job_id))
             export_to_video(frames, self.store.video_path(job_id), fps=params["fps"],
-                            metadata=self._metadata(params))
+                            metadata=generation_settings(self.pipe, params, **self.video_metadata))
             if not self.store.finish(job_id, SUCCEEDED):  # cancelled while encoding: drop the file
                 self.store.video_path(job_id).unlink(missing_ok=True)
             log.info("job %s: succeeded", job_id)

@@ -112,16 +112,19 @@ def read_clip(path: Path, frames: int, fps: int, height: int, width: int) -> tor
 
     if not path.is_file():
         raise TrainDataError(f"video '{path}' does not exist")
+    wanted = np.arange(frames) / fps
+    decoded = []
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            decoded = [(float(f.time or 0.0), f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+            for frame in container.decode(container.streams.video[0]):
+                decoded.append((float(frame.time or 0.0), frame.to_ndarray(format="rgb24")))
+                if decoded[-1][0] > wanted[-1]:  # past the last time needed: no later frame is nearer; stop decoding
+                    break
     except Exception as exc:
         raise TrainDataError(f"cannot read video '{path}': {type(exc).__name__}: {exc}") from None
     if not decoded:
         raise TrainDataError(f"video '{path}' has no frames")
     times = np.array([t for t, _ in decoded])
-    wanted = np.arange(frames) / fps
     if wanted[-1] > times[-1] + 0.5 / fps:
         raise ShortClipError(path, len(decoded), times[-1], frames, fps)
     picks = [int(np.abs(times - t).argmin()) for t in wanted]
@@ -207,6 +210,7 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     from .pipeline import TextToVideoPipeline
+    from .schedules import alphas_cumprod as schedule_alphas
     from .text_encoder import encode_text
     from .video_io import export_to_video
 
@@ -244,7 +248,7 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16 and device.type == "cuda")
     noise_gen = torch.Generator().manual_seed(opts.seed)
-    alphas_cumprod = _alphas_cumprod(pipe).to(device)
+    alphas_cumprod = schedule_alphas(pipe.scheduler.options).to(device)
     prediction = pipe.scheduler.options["prediction_type"]
     step = 0
     checkpoints = _state_paths(out)
@@ -365,12 +369,6 @@ def _encode(pipe, clip: torch.Tensor) -> torch.Tensor:
     """clip (3, F, H, W) in [-1, 1] -> latents (1, C, F, h, w): the posterior mean, scaled."""
     mean, _ = pipe.vae.encode(clip.permute(1, 0, 2, 3).to(pipe.vae.dtype))  # (F, C, h, w)
     return (mean.float() * pipe.vae.config.scaling_factor).permute(1, 0, 2, 3)[None]
-
-
-def _alphas_cumprod(pipe) -> torch.Tensor:
-    from .schedules import alphas_cumprod
-
-    return alphas_cumprod(pipe.scheduler.options)
 
 
 def _batch_indices(step: int, batch_size: int, count: int, seed: int) -> list[int]:

@@ -243,8 +243,8 @@ class TextToVideoPipeline:
 
     def generation_defaults(self, sampler: str | None = None) -> tuple[str, int, float]:
         """(sampler, num_inference_steps, guidance_scale) a call uses when they are not given."""
-        name = sampler or self._sampler(None)[0]
-        return (name, *_step_defaults(self._sampler(sampler)[0], None, None))
+        base = self._sampler(sampler)[0]
+        return (sampler or base, *_step_defaults(base, None, None))
 
     def _guidance_condition(self, guidance_scale: float, batch: int) -> torch.Tensor | None:
         """The guidance scale as the UNet's guidance embedding (B, D) for a guidance-distilled UNet, else None."""
@@ -505,10 +505,12 @@ def generation_settings(pipe: TextToVideoPipeline, params: dict[str, Any], **ext
     from . import __version__
 
     sampler, steps, guidance = pipe.generation_defaults(params.get("sampler"))
-    given = {"num_inference_steps": params.get("num_inference_steps"), "guidance_scale": params.get("guidance_scale")}
+    if params.get("num_inference_steps") is not None:
+        steps = params["num_inference_steps"]
+    if params.get("guidance_scale") is not None:
+        guidance = params["guidance_scale"]
     settings = {"vidfusion": __version__, **extra, **{k: params.get(k) for k in SETTINGS_KEYS}, "sampler": sampler,
-                "num_inference_steps": steps if given["num_inference_steps"] is None else given["num_inference_steps"],
-                "guidance_scale": guidance if given["guidance_scale"] is None else given["guidance_scale"]}
+                "num_inference_steps": steps, "guidance_scale": guidance}
     return {k: v for k, v in settings.items() if v not in (None, "")}
 
 

@@ -202,14 +202,14 @@ class TransformerBlock(nn.Module):
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float,
-                 output_scale_factor: float = 1.0):
+                 output_scale_factor: float = 1.0, conv3x3: type[nn.Conv2d] = nn.Conv2d):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = conv3x3(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = conv3x3(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor | None = None) -> torch.Tensor:

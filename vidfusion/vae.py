@@ -8,8 +8,10 @@ from torch import nn
 
 from .config import VAEConfig
 from .layers import Downsample, Linear, ResnetBlock, Upsample, attention, conv_cl, group_norm_cl, group_norm_silu
+from .winograd import WinogradConv2d
 
 EPS = 1e-6
+CPU_CHUNK_BYTES = 16 << 20  # the largest activation of a group of frames decoded together on CPU
 
 
 class VAEAttention(nn.Module):
@@ -33,7 +35,7 @@ class VAEAttention(nn.Module):
 class MidBlock2D(nn.Module):
     def __init__(self, channels: int, groups: int, add_attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, None, groups, EPS) for _ in range(2)])
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, None, groups, EPS, conv3x3=WinogradConv2d) for _ in range(2)])
         if add_attention:
             self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
         self.add_attention = add_attention
@@ -56,7 +58,8 @@ class Encoder(nn.Module):
             inp, out = out, ch[i]
             block = nn.Module()
             block.resnets = nn.ModuleList(
-                [ResnetBlock(inp if j == 0 else out, out, None, groups, EPS) for j in range(cfg.layers_per_block)]
+                [ResnetBlock(inp if j == 0 else out, out, None, groups, EPS, conv3x3=WinogradConv2d)
+                 for j in range(cfg.layers_per_block)]
             )
             if i < len(ch) - 1:
                 block.downsamplers = nn.ModuleList([Downsample(out, padding=0)])
@@ -88,7 +91,8 @@ class Decoder(nn.Module):
             inp, out = out, ch[i]
             block = nn.Module()
             block.resnets = nn.ModuleList(
-                [ResnetBlock(inp if j == 0 else out, out, None, groups, EPS) for j in range(cfg.layers_per_block + 1)]
+                [ResnetBlock(inp if j == 0 else out, out, None, groups, EPS, conv3x3=WinogradConv2d)
+                 for j in range(cfg.layers_per_block + 1)]
             )
             if i < len(ch) - 1:
                 block.upsamplers = nn.ModuleList([Upsample(out)])
@@ -96,14 +100,27 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(conv_cl(self.conv_in, z))  # (N, h, w, C)
-        for block in self.up_blocks:
-            for resnet in block.resnets:
-                x = resnet(x)
-            if hasattr(block, "upsamplers"):
-                x = block.upsamplers[0](x)
-        return conv_cl(self.conv_out, group_norm_silu(self.conv_norm_out, x, batch_dims=1))
+    def forward(self, z: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+        """z (N, h, w, C) -> (N, H, W, 3). With chunk_bytes, each up block sees as many frames at once as keep its
+        largest activation within that size: all frames at the latent resolution (large products for the 512-channel
+        convolutions), fewer as the maps grow (bounded memory), each group finished before the next."""
+        return self._up(self.mid_block(conv_cl(self.conv_in, z)), 0, chunk_bytes)  # (N, h, w, C)
+
+    def _up(self, x: torch.Tensor, index: int, chunk_bytes: int | None) -> torch.Tensor:
+        if index == len(self.up_blocks):
+            return conv_cl(self.conv_out, group_norm_silu(self.conv_norm_out, x, batch_dims=1))
+        block = self.up_blocks[index]
+        h, w = x.shape[1:3]
+        scale = 2 if hasattr(block, "upsamplers") else 1
+        frame_bytes = scale * h * scale * w * max(x.shape[-1], block.resnets[-1].conv2.out_channels) * x.element_size()
+        frames = max(1, chunk_bytes // frame_bytes) if chunk_bytes else x.shape[0]
+        if frames < x.shape[0]:
+            return torch.cat([self._up(part, index, chunk_bytes) for part in x.split(frames)])
+        for resnet in block.resnets:
+            x = resnet(x)
+        if hasattr(block, "upsamplers"):
+            x = block.upsamplers[0](x)
+        return self._up(x, index + 1, chunk_bytes)
 
 
 class AutoencoderKL(nn.Module):
@@ -118,7 +135,7 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         if cfg.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
-        self.frame_chunk: int | None = None  # frames decoded at once (None: 1 on CPU, 8 on GPU); bounds memory
+        self.frame_chunk: int | None = None  # frames decoded at once (None: 16 on CPU, 8 on GPU); bounds memory
         self.use_slicing = False
         self.use_tiling = False
         self.tile_latent_size = max(cfg.sample_size // cfg.scale_factor, 8)
@@ -141,13 +158,14 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_in.weight.dtype
 
     def _chunk(self, device: torch.device) -> int:
-        return self.frame_chunk or (1 if device.type == "cpu" else 8)
+        return self.frame_chunk or (16 if device.type == "cpu" else 8)
 
     def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
-        # z (N, h, w, C) channels-last latents -> (N, H, W, 3)
+        # z (N, h, w, C) channels-last latents -> (N, H, W, 3). On CPU the decoder regroups frames per resolution
+        # (CPU_CHUNK_BYTES per activation: fresh tensors up to that size reuse heap memory instead of page-faulting)
         if self.config.use_post_quant_conv:
             z = conv_cl(self.post_quant_conv, z)
-        return self.decoder(z)
+        return self.decoder(z, CPU_CHUNK_BYTES if z.device.type == "cpu" and not self.use_slicing else None)
 
     def _decode_tiled(self, z: torch.Tensor) -> torch.Tensor:
         """Decode overlapping latent tiles and blend the overlaps linearly, so no seams show."""

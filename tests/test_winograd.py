@@ -1,0 +1,147 @@
+"""Winograd F(4x4, 3x3) convolutions of the VAE: the published math against a float64 convolution, the rule that
+picks the path, and the VAE's frames against diffusers' decoder with the path forced on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidfusion import winograd
+from vidfusion.winograd import WinogradConv2d
+
+
+def _conv(c_in: int, c_out: int, seed: int = 0) -> WinogradConv2d:
+    torch.manual_seed(seed)
+    conv = WinogradConv2d(c_in, c_out, 3, padding=1)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)  # as loading stores it
+    return conv
+
+
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """The Winograd path on for the tiny shapes tests use."""
+    monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "ENABLED", True)
+
+
+@pytest.mark.parametrize("n, c_in, c_out, h, w, chunk", [
+    (1, 16, 24, 16, 16, 8 << 20),  # one block of tile rows
+    (3, 24, 16, 20, 12, 4096),  # several frames, H != W, many blocks (the bottom border inside the last one)
+    (2, 8, 8, 8, 28, 1),  # one tile row per block
+])
+def test_matches_a_float64_convolution(forced, monkeypatch, n, c_in, c_out, h, w, chunk):
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk)
+    conv = _conv(c_in, c_out)
+    x = torch.randn(n, c_in, h, w).contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.no_grad():
+        got = conv(x)
+        direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert _relative_error(got, ref) < 3e-5  # float32 direct convolution: ~2e-6; Winograd F(4,3): ~1e-5
+    assert _relative_error(direct, ref) < 1e-5
+    assert not torch.equal(got, direct)  # it did take the other path
+
+
+def test_without_bias_and_from_a_non_contiguous_view(forced):
+    conv = _conv(8, 12)
+    conv.bias = None
+    x = torch.randn(2, 8, 12, 16)  # NCHW-contiguous: permuted to NHWC by a copy
+    with torch.no_grad():
+        got = conv(x)
+    ref = F.conv2d(x.double(), conv.weight.double(), None, padding=1)
+    assert _relative_error(got, ref) < 3e-5
+
+
+def test_the_rule_keeps_the_plain_convolution_where_winograd_does_not_pay_or_cannot_run(monkeypatch):
+    monkeypatch.setattr(winograd, "ENABLED", True)
+    calls = []
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a) or _direct(*a))
+
+    def _direct(x, kernels, bias):
+        raise AssertionError("not reached in the cases below")
+
+    big = _conv(128, 128)
+    cases = [
+        (big, torch.randn(1, 128, 16, 16)),  # small map: below MIN_PIXELS
+        (big, torch.randn(1, 128, 36, 30)),  # side not a multiple of the 4x4 tile
+        (_conv(128, 128).to(torch.bfloat16), torch.randn(1, 128, 32, 32, dtype=torch.bfloat16)),  # half precision
+        (_conv(64, 64), torch.randn(1, 64, 64, 64)),  # too few channels for fast products
+    ]
+    with torch.no_grad():
+        for conv, x in cases:
+            x = x.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    x = torch.randn(1, 128, 32, 32, requires_grad=True)  # autograd: plain convolution
+    assert torch.equal(big(x), F.conv2d(x, big.weight, big.bias, padding=1))
+    assert not calls
+    monkeypatch.setattr(winograd, "ENABLED", False)  # VIDFUSION_WINOGRAD=0
+    with torch.no_grad():
+        x = torch.randn(1, 128, 32, 32).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(big(x), F.conv2d(x, big.weight, big.bias, padding=1))
+    assert not calls
+
+
+def test_large_maps_take_the_path_by_default(monkeypatch):
+    monkeypatch.setattr(winograd, "ENABLED", True)
+    seen = []
+    original = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: seen.append(a[0].shape) or original(*a))
+    conv = _conv(128, 128)
+    x = torch.randn(1, 128, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = conv(x)
+    assert seen == [(1, 32, 32, 128)]
+    ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert _relative_error(got, ref) < 3e-5
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0])  # kept kernels, and kernels made per call in a buffer
+def test_kernels_follow_weight_changes(forced, monkeypatch, cache_bytes):
+    monkeypatch.setattr(winograd, "CACHE_KERNEL_BYTES", cache_bytes)
+    conv = _conv(8, 8)
+    x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.mul_(-2.0)  # in place: the cached kernels are stale now
+        got = conv(x)
+    ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert _relative_error(got, ref) < 3e-5
+
+
+def test_the_vae_uses_it_for_its_resnet_convolutions_and_keeps_its_keys():
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    from tests.conftest import TINY_VAE
+    from vidfusion.config import VAEConfig
+    from vidfusion.vae import AutoencoderKL
+
+    ours = AutoencoderKL(VAEConfig.from_dict(DiffusersVAE(**TINY_VAE).config))
+    kinds = {name: type(m) for name, m in ours.named_modules() if isinstance(m, nn.Conv2d)}
+    assert kinds["decoder.up_blocks.0.resnets.0.conv1"] is WinogradConv2d
+    assert kinds["encoder.mid_block.resnets.1.conv2"] is WinogradConv2d
+    assert kinds["decoder.conv_out"] is nn.Conv2d  # 3 output channels: plain
+    assert set(ours.state_dict()) == set(DiffusersVAE(**TINY_VAE).state_dict())
+
+
+def test_decoded_frames_match_diffusers_with_the_path_forced(forced, reference, ours):
+    torch.manual_seed(0)
+    latents = torch.randn(3, TINY_LATENT_CHANNELS, 8, 8)
+    seen = []
+    original = winograd.conv3x3
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(winograd, "conv3x3", lambda *a: seen.append(1) or original(*a))
+        got = ours.vae.decode(latents)
+        ref = reference.vae.decode(latents).sample
+    assert seen  # the tiny VAE's 8x8..16x16 maps took the path
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+TINY_LATENT_CHANNELS = 4

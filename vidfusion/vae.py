@@ -35,7 +35,8 @@ class VAEAttention(nn.Module):
 class MidBlock2D(nn.Module):
     def __init__(self, channels: int, groups: int, add_attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, None, groups, EPS, conv3x3=WinogradConv2d) for _ in range(2)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(channels, channels, None, groups, EPS, conv3x3=WinogradConv2d) for _ in range(2)])
         if add_attention:
             self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
         self.add_attention = add_attention

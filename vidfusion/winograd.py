@@ -20,7 +20,6 @@ import os
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2, inf (Lavin & Gray, eq. 11-13)
@@ -145,13 +144,3 @@ class WinogradConv2d(nn.Conv2d):
         self._kernels = (key, kernels)
         return kernels
 
-
-def use_winograd(model: nn.Module) -> nn.Module:
-    """Give every 3x3, stride-1, padding-1 convolution of `model` (the VAE) the Winograd path, in place."""
-    for module in model.modules():
-        for name, child in module.named_children():
-            if (type(child) is nn.Conv2d and child.kernel_size == (3, 3) and child.stride == (1, 1)
-                    and child.padding == (1, 1) and child.dilation == (1, 1) and child.groups == 1
-                    and child.padding_mode == "zeros"):
-                child.__class__ = WinogradConv2d
-    return model

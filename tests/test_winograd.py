@@ -145,3 +145,24 @@ def test_decoded_frames_match_diffusers_with_the_path_forced(forced, reference, 
 
 
 TINY_LATENT_CHANNELS = 4
+
+
+def test_decoder_groups_frames_by_activation_size_with_the_same_frames(ours):
+    """On CPU the decoder takes as many frames at once as fit its per-activation budget at each resolution."""
+    decoder = ours.vae.decoder
+    torch.manual_seed(1)
+    z = torch.randn(5, 8, 8, 4)  # (N, h, w, C) latents
+    sizes = []
+    hook = decoder.up_blocks[-1].resnets[0].register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            whole = decoder(z)  # no budget: all 5 frames together
+            assert sizes == [5]
+            sizes.clear()
+            c_last = decoder.up_blocks[-1].resnets[-1].conv2.out_channels
+            frame_bytes = 16 * 16 * max(decoder.up_blocks[-1].resnets[0].norm1.num_channels, c_last) * 4
+            grouped = decoder(z, chunk_bytes=2 * frame_bytes)  # 2 frames per group at the last block
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 1]
+    assert torch.allclose(grouped, whole, atol=1e-5)

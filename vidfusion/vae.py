@@ -105,6 +105,10 @@ class Decoder(nn.Module):
         """z (N, h, w, C) -> (N, H, W, 3). With chunk_bytes, each up block sees as many frames at once as keep its
         largest activation within that size: all frames at the latent resolution (large products for the 512-channel
         convolutions), fewer as the maps grow (bounded memory), each group finished before the next."""
+        n, h, w = z.shape[:3]
+        frames = max(1, chunk_bytes // (h * w * self.conv_in.out_channels * 4)) if chunk_bytes else n
+        if frames < n:
+            return torch.cat([self(part, chunk_bytes) for part in z.split(frames)])
         return self._up(self.mid_block(conv_cl(self.conv_in, z)), 0, chunk_bytes)  # (N, h, w, C)
 
     def _up(self, x: torch.Tensor, index: int, chunk_bytes: int | None) -> torch.Tensor:

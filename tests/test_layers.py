@@ -109,3 +109,24 @@ def test_text_keys_and_values_are_projected_once_per_generation(ours):
     finally:
         handle.remove()
     assert len(calls) == 1, f"the text's keys were projected {len(calls)} times for 3 steps"
+
+
+def test_cpu_feed_forward_in_chunks_of_tokens_equals_the_whole(monkeypatch):
+    torch.manual_seed(0)
+    ff = layers.FeedForward(16)
+    x = torch.randn(2, 37, 16)
+    with torch.no_grad():
+        whole = ff(x)
+        calls = []
+        monkeypatch.setattr(layers, "FF_CHUNK_BYTES", 10 * ff.net[0].proj.out_features * 4)  # 10 tokens per chunk
+        hook = ff.net[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+        chunked = ff(x)
+        hook.remove()
+    assert calls == [10] * 7 + [4]
+    assert chunked.shape == whole.shape and torch.allclose(chunked, whole, atol=1e-6)
+    with torch.enable_grad():  # training keeps one pass (autograd through in-place chunk writes is not wanted)
+        calls.clear()
+        hook = ff.net[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+        ff(x.requires_grad_())
+        hook.remove()
+    assert calls == [2]

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu.sh run CASE...    # there, one device call per few cases (10 minutes a call), e.g.
 #       run full-576 full-576-unet        # 576x320x24: pipeline + UNet TFLOP/s
 #       run full-576-compile full-256 full-256-64-offload
+#       run turbo train-temporal train-temporal-gc train-all   # issue 12 turbo ratio, issue 15 training memory
 # Results: one JSON per case under ${OUT:-/tmp/out} and the printed tables; copy them into RESULTS.md.
 # With the device tool: carry [".whl"]; the random full-size checkpoint is built once per machine (/tmp/ckpt-full).
 set -euo pipefail
@@ -33,6 +34,15 @@ run)
         full-576-compile) args=(--case full-576 --compile) ;;
         full-256) args=(--case full-256) ;;
         full-256-64-offload) args=(--case full-256-64-offload) ;;
+        turbo)  # 4-step t2v-turbo vs 25-step dpmpp-2m with CFG, 16x256x256, fp16
+            python3 benchmarks/bench_adapters.py turbo --config full --device cuda --dtype float16 --repeats 3 \
+                --checkpoint /tmp/ckpt-full | tee "$out/$name.txt"
+            continue ;;
+        train-temporal | train-temporal-gc | train-all)  # peak memory of LoRA training, 16x256x256, fp16
+            target=${name#train-}; target=${target%-gc}
+            python3 benchmarks/train_memory.py --checkpoint /tmp/ckpt-full --target "$target" \
+                $([ "${name%-gc}" != "$name" ] && echo --gradient-checkpointing) | tee "$out/$name.txt"
+            continue ;;
         *) echo "unknown case $name" >&2; exit 2 ;;
         esac
         # every full-* case is the same architecture: one random checkpoint (written on first use)

@@ -40,6 +40,23 @@ CASES = {
 }
 
 
+def cpu_name() -> str:
+    """The CPU's model name, with its family/model numbers (VMs often say only "AMD EPYC"), and core count."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown CPU"
+    flags = fields.get("flags", "").split()
+    extras = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+            f"{', ' + ' '.join(extras) if extras else ''}), {os.cpu_count()} cores")
+
+
 def make_checkpoint(case: str, folder: Path) -> None:
     """Random weights written by diffusers in the published layout (vidfusion's init-random for full shapes)."""
     spec = CASES[case]
@@ -232,7 +249,7 @@ def main() -> None:
             cmd += ["--compile"] * args.compile + ["--unet-only"] * args.unet_only
             subprocess.run(cmd, check=True)
             runs[lib].append({**json.loads(Path(out + ".json").read_text()), "frames": np.load(out + ".npy")})
-    summary = {"case": args.case, "device": args.device, "dtype": args.dtype}
+    summary = {"case": args.case, "device": args.device, "dtype": args.dtype, "cpu": cpu_name()}
     for lib, results in runs.items():
         summary[lib] = {
             "median_s": statistics.median(t for r in results for t in r["times"]),
@@ -256,7 +273,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary))
         return
-    print(f"case {args.case} on {args.device} {args.dtype}")
+    print(f"case {args.case} on {args.device} {args.dtype}   CPU: {summary['cpu']}")
     for lib in ("diffusers", "vidfusion"):
         s = summary[lib]
         mem = f"  peak CUDA {s['cuda_peak_gib']:.2f} GiB" if "cuda_peak_gib" in s else ""

@@ -116,6 +116,20 @@ def test_kernels_follow_weight_changes(forced, monkeypatch, cache_bytes):
     assert _relative_error(got, ref) < 3e-5
 
 
+def test_moving_the_module_drops_the_kept_kernels(forced):
+    conv = _conv(8, 8)
+    x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv(x)
+        assert conv._kernels is not None
+        conv.to(torch.float64)  # as .to("cuda") would: the kept float32 kernels would only hold memory
+        assert conv._kernels is None
+        conv.float()
+        got = conv(x)
+    ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert _relative_error(got, ref) < 3e-5
+
+
 def test_the_vae_uses_it_for_its_resnet_convolutions_and_keeps_its_keys():
     from diffusers import AutoencoderKL as DiffusersVAE
 

@@ -132,6 +132,10 @@ class WinogradConv2d(nn.Conv2d):
             nhwc = nhwc.contiguous()
         return conv3x3(nhwc, self.kernels(), self.bias).permute(0, 3, 1, 2)  # channels-last NCHW view
 
+    def _apply(self, fn, recurse=True):  # .to() / .half() / .cuda(): drop the kept kernels with the old weight
+        self._kernels = None
+        return super()._apply(fn, recurse)
+
     def kernels(self) -> torch.Tensor:
         """The transformed kernels: kept when small, otherwise made per call in a reused buffer (4x the weight)."""
         key = (self.weight.data_ptr(), self.weight._version)

@@ -292,17 +292,26 @@ def _config(cls, path: Path):
         raise CheckpointError(str(exc)) from None
 
 
+def build_unet(cfg: UNetConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> UNet3D:
+    """The UNet from a state dict in diffusers names, strictly, laid out for inference (channels-last convs,
+    folded upsample kernels)."""
+    return fuse_upsample_convs(use_channels_last_weights(build_strict(lambda: UNet3D(cfg), state, dtype, where)))
+
+
+def build_vae(cfg: VAEConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> AutoencoderKL:
+    """The VAE from a state dict in diffusers names, strictly, laid out for inference."""
+    return fuse_upsample_convs(use_channels_last_weights(build_strict(lambda: AutoencoderKL(cfg), state, dtype,
+                                                                      where)))
+
+
 def load_unet(folder: Path, dtype: torch.dtype, variant: str | None = None) -> UNet3D:
     cfg = _config(UNetConfig, folder / "config.json")
-    unet = build_strict(lambda: UNet3D(cfg), read_weights(folder, variant, dtype), dtype, str(folder))
-    return fuse_upsample_convs(use_channels_last_weights(unet))
+    return build_unet(cfg, read_weights(folder, variant, dtype), dtype, str(folder))
 
 
 def load_vae(folder: Path, dtype: torch.dtype, variant: str | None = None) -> AutoencoderKL:
     cfg = _config(VAEConfig, folder / "config.json")
-    state = rename_keys(read_weights(folder, variant, dtype), VAE_RENAMES)
-    return fuse_upsample_convs(use_channels_last_weights(build_strict(lambda: AutoencoderKL(cfg), state, dtype,
-                                                                      str(folder))))
+    return build_vae(cfg, rename_keys(read_weights(folder, variant, dtype), VAE_RENAMES), dtype, str(folder))
 
 
 def load_text_encoder(folder: Path, dtype: torch.dtype, variant: str | None = None):
@@ -368,8 +377,7 @@ def load_original(folder: Path, dtype: torch.dtype, vae: str | os.PathLike | Non
         state = of.unet_to_diffusers(of.read_original_state(unet_file), unet_cfg, str(unet_file))
     except of.ConversionError as exc:
         raise CheckpointError(str(exc)) from None
-    unet = fuse_upsample_convs(use_channels_last_weights(build_strict(lambda: UNet3D(unet_cfg), state, dtype,
-                                                                      str(unet_file))))
+    unet = build_unet(unet_cfg, state, dtype, str(unet_file))
     text, tokenizer = _original_text(folder, config, dtype, text_encoder)
     return {"unet": unet, "vae": _original_vae(folder, config, dtype, vae), "text_encoder": text,
             "tokenizer": tokenizer, "scheduler_config": of.scheduler_config_from(config["cfg"])}
@@ -411,8 +419,7 @@ def _original_vae(folder: Path, config: dict[str, Any], dtype: torch.dtype, sour
         cfg = of.vae_config_from(state)
     except (of.ConversionError, KeyError) as exc:
         raise CheckpointError(f"{path}: not an LDM AutoencoderKL checkpoint ({exc})") from None
-    return fuse_upsample_convs(use_channels_last_weights(build_strict(lambda: AutoencoderKL(cfg), state, dtype,
-                                                                      str(path))))
+    return build_vae(cfg, state, dtype, str(path))
 
 
 def _original_text(folder: Path, config: dict[str, Any], dtype: torch.dtype, source):

@@ -102,30 +102,36 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
-        """z (N, h, w, C) -> (N, H, W, 3). With chunk_bytes, each up block sees as many frames at once as keep its
-        largest activation within that size: all frames at the latent resolution (large products for the 512-channel
-        convolutions), fewer as the maps grow (bounded memory), each group finished before the next."""
-        n, h, w = z.shape[:3]
-        frames = max(1, chunk_bytes // (h * w * self.conv_in.out_channels * 4)) if chunk_bytes else n
-        if frames < n:
-            return torch.cat([self(part, chunk_bytes) for part in z.split(frames)])
+        """z (N, h, w, C) -> (N, H, W, 3). With chunk_bytes, each stage (mid block, then every up block) sees as many
+        frames at once as keep its largest activation within that size: all frames at the latent resolution (large
+        products for the 512-channel convolutions), fewer as the maps grow (bounded memory), each group finished
+        before the next."""
+        groups = _groups(z, z.shape[1] * z.shape[2] * self.conv_in.out_channels, chunk_bytes)
+        if groups is not None:
+            return torch.cat([self(part, chunk_bytes) for part in groups])
         return self._up(self.mid_block(conv_cl(self.conv_in, z)), 0, chunk_bytes)  # (N, h, w, C)
 
     def _up(self, x: torch.Tensor, index: int, chunk_bytes: int | None) -> torch.Tensor:
         if index == len(self.up_blocks):
             return conv_cl(self.conv_out, group_norm_silu(self.conv_norm_out, x, batch_dims=1))
         block = self.up_blocks[index]
-        h, w = x.shape[1:3]
         scale = 2 if hasattr(block, "upsamplers") else 1
-        frame_bytes = scale * h * scale * w * max(x.shape[-1], block.resnets[-1].conv2.out_channels) * x.element_size()
-        frames = max(1, chunk_bytes // frame_bytes) if chunk_bytes else x.shape[0]
-        if frames < x.shape[0]:
-            return torch.cat([self._up(part, index, chunk_bytes) for part in x.split(frames)])
+        largest = scale * x.shape[1] * scale * x.shape[2] * max(x.shape[-1], block.resnets[-1].conv2.out_channels)
+        groups = _groups(x, largest, chunk_bytes)
+        if groups is not None:
+            return torch.cat([self._up(part, index, chunk_bytes) for part in groups])
         for resnet in block.resnets:
             x = resnet(x)
         if hasattr(block, "upsamplers"):
             x = block.upsamplers[0](x)
         return self._up(x, index + 1, chunk_bytes)
+
+
+def _groups(x: torch.Tensor, elements_per_frame: int, chunk_bytes: int | None) -> tuple[torch.Tensor, ...] | None:
+    """x split into groups of frames whose largest activation (`elements_per_frame` values each) fits chunk_bytes;
+    None when all of x fits at once."""
+    frames = max(1, chunk_bytes // (elements_per_frame * x.element_size())) if chunk_bytes else x.shape[0]
+    return x.split(frames) if frames < x.shape[0] else None
 
 
 class AutoencoderKL(nn.Module):

@@ -82,7 +82,7 @@ def conv3x3(x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None) -
     for r0 in range(0, tiles_h, rows):
         nr = min(rows, tiles_h - r0)
         top, bottom = r0 * TILE - 1, (r0 + nr) * TILE + 1  # input rows this block reads
-        src = x[:, max(top, 0):min(bottom, h)]
+        src = x[:, max(top, 0):min(bottom, h)]  # only the first block starts on the zero row above the image
         padded[:, max(top, 0) - top:max(top, 0) - top + src.shape[1], 1:w + 1].copy_(src)
         if bottom > h:  # the last block reads the zero rows below the image
             padded[:, h - top:].zero_()
@@ -102,8 +102,6 @@ def conv3x3(x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None) -
             target.copy_(y)
         else:
             torch.add(y, bias, out=target)
-        if top < 0:  # first block done: later blocks start below the top border
-            padded[:, 0].zero_()
     return out
 
 

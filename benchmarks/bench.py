@@ -23,19 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+# anchors.md CPU model: UNet3D 64/128/256/256, cross-attention 128, head dim 16; SD-sized VAE; small CLIP
+CPU_MODEL = dict(unet=dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=128, attention_head_dim=16,
+                           sample_size=16),
+                 vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=256),
+                 clip=dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4))
 CASES = {
-    # anchors.md CPU case: UNet3D 64/128/256/256, cross-attention 128, head dim 16; 8 frames 128x128, DPM++ 4 steps
-    "cpu-small": dict(unet=dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=128, attention_head_dim=16,
-                                sample_size=16),
-                      vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=256),
-                      clip=dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4),
-                      frames=8, height=128, width=128, steps=4),
+    # anchors.md CPU case: 8 frames 128x128, DPM++ 4 steps
+    "cpu-small": dict(**CPU_MODEL, frames=8, height=128, width=128, steps=4),
     # the same weights at a larger video: 16 frames 256x256 (VAE-heavy)
-    "cpu-mid": dict(unet=dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=128, attention_head_dim=16,
-                              sample_size=32),
-                    vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=256),
-                    clip=dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4),
-                    frames=16, height=256, width=256, steps=4),
+    "cpu-mid": dict(**CPU_MODEL, frames=16, height=256, width=256, steps=4),
     # the real 1.7B shapes (GPU)
     "full-576": dict(unet={}, vae=None, clip=None, frames=24, height=320, width=576, steps=25),
     "full-256": dict(unet={}, vae=None, clip=None, frames=16, height=256, width=256, steps=25),

@@ -92,6 +92,47 @@ def test_long_video_runs_the_unet_on_windows_only(ours):
         ours("x", num_frames=8, window_size=16)
 
 
+def _unet_frames(pipe, **kwargs):
+    """Frames of every UNet call of one generation, and its latents."""
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
+    try:
+        out = pipe(generator=gen(), output_type="latent", **kwargs).frames
+    finally:
+        hook.remove()
+    return seen, out
+
+
+def test_clips_up_to_24_frames_run_at_once_like_diffusers(ours, reference):
+    """Catches a fixed 16-frame default window: Zeroscope's 24-frame clips ran three overlapping windows (twice the
+    UNet work) and gave another video than diffusers'."""
+    args = dict(prompt="a boat", num_frames=24, height=16, width=16, num_inference_steps=2)
+    seen, got = _unet_frames(ours, **args)
+    assert set(seen) == {24}, seen  # one call per CFG step over all 24 frames, no windows
+    ref = reference(generator=gen(), output_type="latent", **args).frames
+    assert ((torch.as_tensor(ref) - got).abs().max() / torch.as_tensor(ref).abs().max()).item() < 1e-4
+
+
+def test_long_clips_window_at_the_checkpoint_training_length(tiny_checkpoint, tmp_path):
+    """ModelScope trained on 16 frames, Zeroscope v2 on 24: a 32-frame clip runs windows of that length (catches one
+    window size for every checkpoint); the diffusers-named class keeps all frames at once."""
+    from vidfusion import TextToVideoPipeline, TextToVideoSDPipeline
+    from vidfusion.loading import training_frames
+
+    assert training_frames("cerspense/zeroscope_v2_576w", tmp_path) == 24
+    assert training_frames("/models/original", tmp_path / "zs2_XL") == 24
+    assert training_frames("damo-vilab/text-to-video-ms-1.7b", tmp_path) == 16
+    zeroscope = tmp_path / "zeroscope_v2_576w"
+    zeroscope.symlink_to(tiny_checkpoint)
+    args = dict(prompt="a boat", num_frames=32, height=16, width=16, num_inference_steps=1)
+    for cls, folder, window in ((TextToVideoPipeline, tiny_checkpoint, 16), (TextToVideoPipeline, zeroscope, 24),
+                                (TextToVideoSDPipeline, zeroscope, 32)):
+        pipe = cls.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        assert max(_unet_frames(pipe, **args)[0]) == window, (cls, folder)
+    assert max(_unet_frames(pipe, window_size=8, **args)[0]) == 8  # overridable
+
+
 RSS_SCRIPT = """
 import resource, sys, torch
 from vidfusion import TextToVideoPipeline

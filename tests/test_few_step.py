@@ -44,7 +44,7 @@ def run_reference_lcm(reference, steps, guidance, **extra):
 def test_lcm_matches_diffusers(reference, pipe, steps):
     expected = run_reference_lcm(reference, steps, 9.0)
     got = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=steps, sampler="lcm",
-               output_type="latent", **BASE).frames
+               guidance_scale=9.0, output_type="latent", **BASE).frames
     assert_latents_close(expected, got)
 
 
@@ -60,6 +60,24 @@ def test_mcm_scheduler_object_with_timestep_scaling_and_no_cfg(reference, pipe):
     assert_latents_close(expected, got)
     frames = pipe(generator=torch.Generator().manual_seed(0), sampler="lcm", num_inference_steps=2, **BASE).frames
     assert frames.shape == (1, 3, 32, 32, 3) and np.isfinite(frames).all()
+
+
+@pytest.mark.parametrize("sampler, scaling", [("lcm", 10.0), ("mcm", 4.0)])
+def test_lcm_and_mcm_default_to_4_steps_without_cfg(reference, pipe, sampler, scaling):
+    """Catches lcm / mcm run with classifier-free guidance at 9 by default (two UNet passes a step, over-saturated):
+    MCM's demo runs them at guidance 1, one pass a step; the defaults are what every entry point reports."""
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        out = pipe(generator=torch.Generator().manual_seed(0), sampler=sampler, output_type="latent", **BASE)
+    finally:
+        hook.remove()
+    assert calls == [1, 1, 1, 1]
+    assert_latents_close(run_reference_lcm(reference, 4, 1.0, timestep_scaling=scaling), out.frames)
+    assert (out.settings["sampler"], out.settings["num_inference_steps"], out.settings["guidance_scale"]) == (
+        sampler, 4, 1.0)
+    assert pipe.generation_defaults(sampler) == (sampler, 4, 1.0)
+    assert pipe.sampler_defaults()[sampler] == (4, 1.0) and pipe.sampler_defaults()[""] == (50, 9.0)
 
 
 # ---- T2V-Turbo ------------------------------------------------------------------------------------------------

@@ -267,3 +267,20 @@ def test_preview_poster_and_video_metadata(server, tmp_path):
         meta = read_metadata(path)
         assert meta["prompt"] == "a poster" and meta["seed"] == 3 and meta["num_inference_steps"] == 2
         assert meta["sampler"] == "ddim" and meta["model"] and meta["vidfusion"]
+
+
+def test_few_step_sampler_defaults_in_the_job_record_and_the_video(server, tmp_path):
+    """Catches the service filling in 50 steps / guidance 9 for {"sampler": "mcm"} (Python runs 4 steps, no CFG)."""
+    from vidfusion.video_io import read_metadata
+
+    with server.client() as c:
+        body = {k: v for k, v in SMALL.items() if k not in ("num_inference_steps", "guidance_scale")}
+        job = c.post("/v1/videos", json={**body, "prompt": "a fast one", "sampler": "mcm", "seed": 1}).json()
+        assert (job["params"]["num_inference_steps"], job["params"]["guidance_scale"]) == (4, 1.0)
+        assert wait_for(c, job["id"])["progress"] == {"step": 4, "total": 4}
+        path = tmp_path / "mcm.mp4"
+        path.write_bytes(c.get(f"/v1/videos/{job['id']}/content").content)
+        meta = read_metadata(path)
+        assert (meta["sampler"], meta["num_inference_steps"], meta["guidance_scale"]) == ("mcm", 4, 1.0)
+        r = c.post("/v1/videos", json={**body, "prompt": "x", "sampler": "t2v-turbo"})  # needs the T2V-Turbo UNet
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "sampler"

@@ -35,6 +35,12 @@ def test_generate_from_the_page_plays_the_video(tiny_checkpoint, tmp_path, brows
         page = browser.new_page()
         page.goto(srv.url + "/")
         page.fill("#token", "ui-token")
+        # picking a few-step sampler brings its own steps and guidance (lcm / mcm: 4 steps, no CFG), and back
+        assert (page.input_value("#num_inference_steps"), page.input_value("#guidance_scale")) == ("50", "9")
+        page.select_option("#sampler", "mcm")
+        assert (page.input_value("#num_inference_steps"), page.input_value("#guidance_scale")) == ("4", "1")
+        page.select_option("#sampler", "ddim")
+        assert (page.input_value("#num_inference_steps"), page.input_value("#guidance_scale")) == ("50", "9")
         page.fill("#prompt", "a lighthouse in a storm")
         page.fill("#negative_prompt", "blurry")
         for field, value in (("num_frames", "4"), ("width", "32"), ("height", "32"), ("num_inference_steps", "6"),

@@ -126,9 +126,9 @@ def render_row(pipe, row: dict[str, Any], metadata: dict[str, Any]) -> tuple[byt
         raise ValueError(f"unknown sampler {row['sampler']!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
     fps = row.get("fps", 8)
     generator = torch.Generator().manual_seed(int(row["seed"]))
-    frames = pipe(row["prompt"], generator=generator, output_type="np", **generation_kwargs(row)).frames[0]
-    made = {**row, "num_frames": len(frames), "height": frames.shape[1], "width": frames.shape[2], "fps": fps}
-    settings = generation_settings(pipe, made, **metadata, id=row["id"])
+    output = pipe(row["prompt"], generator=generator, output_type="np", **generation_kwargs(row))
+    frames = output.frames[0]
+    settings = generation_settings(output.settings, {**row, "fps": fps}, **metadata, id=row["id"])
     with tempfile.TemporaryDirectory() as tmp:
         path = export_to_video(frames, Path(tmp) / f"video.{fmt}", fps=fps, metadata=settings)
         return Path(path).read_bytes(), {**settings, "format": fmt}

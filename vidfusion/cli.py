@@ -242,11 +242,10 @@ def _serve(args: argparse.Namespace) -> None:
         pipe.set_progress_bar_config(disable=True)
         pipes.append(pipe)
     size = pipes[0].unet.config.sample_size * pipes[0].vae_scale_factor
-    _, steps, guidance = pipes[0].generation_defaults()
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
                              max_frames=args.max_frames, max_pixels=args.max_pixels, default_height=size,
-                             default_width=size, model=str(args.model), default_steps=steps,
-                             default_guidance=guidance, video_metadata=_lora_metadata(args))
+                             default_width=size, model=str(args.model),
+                             sampler_defaults=pipes[0].sampler_defaults(), video_metadata=_lora_metadata(args))
     app = create_app(JobStore(args.data_dir), pipes, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
@@ -340,18 +339,18 @@ def _settings_from_video(args: argparse.Namespace, parser_defaults: dict) -> Non
             setattr(args, attr, value)
 
 
-def _metadata(args: argparse.Namespace, pipe, options: dict, seed: int, fps: int) -> dict:
+# what the pipeline reports it ran (TextToVideoOutput.settings, defaults resolved); the rest comes from the arguments
+RUN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "strength")
+
+
+def _metadata(args: argparse.Namespace, ran: dict, seed: int, fps: int) -> dict:
     from . import __version__
 
-    sampler, steps, guidance = pipe.generation_defaults(options.get("sampler"))
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    values = {**vars(args), "sampler": sampler, "steps": options.get("num_inference_steps") or steps,
-              "guidance": options.get("guidance_scale", guidance), "seed": seed, "fps": fps,
-              "height": args.height or size, "width": args.width or size,
-              "lora": _lora_metadata(args).get("loras")}
+    values = {**vars(args), "seed": seed, "fps": fps, "lora": _lora_metadata(args).get("loras")}
     if args.command == "upscale":
         values["init_video"] = args.video
-    meta = {key: values.get(attr) for key, attr in METADATA_ARGS.items()}
+    meta = {key: values.get(attr) for key, attr in METADATA_ARGS.items() if key not in RUN_KEYS}
+    meta.update({key: ran[key] for key in RUN_KEYS if key in ran})
     meta = {k: v for k, v in meta.items() if v not in (None, [], False)}
     return {"vidfusion": __version__, **meta}
 
@@ -428,11 +427,12 @@ def _generate(args: argparse.Namespace) -> list[str]:
     generator = [torch.Generator().manual_seed(seed + i) for i in range(videos)]  # video i: seed + i
     if init_video:
         options.update(video=init_video, strength=args.strength)
-    frames = pipe(prompt, negative_prompt=args.negative_prompt, generator=generator, **options).frames
+    output = pipe(prompt, negative_prompt=args.negative_prompt, generator=generator, **options)
+    frames = output.frames
     if len(frames) == 1:
-        return [export_to_video(frames[0], out, fps=fps, metadata=_metadata(args, pipe, options, seed, fps))]
+        return [export_to_video(frames[0], out, fps=fps, metadata=_metadata(args, output.settings, seed, fps))]
     return [export_to_video(clip, out.with_name(f"{out.stem}-{i + 1}{out.suffix}"), fps=fps,
-                            metadata=_metadata(args, pipe, options, seed + i, fps))
+                            metadata=_metadata(args, output.settings, seed + i, fps))
             for i, clip in enumerate(frames)]
 
 

@@ -130,6 +130,18 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, variant: str | None = No
     return _hub_files(text, variant, revision)
 
 
+# frames each published family was trained on: the window long clips run in (README, "Long videos")
+TRAINING_FRAMES = {"modelscope": 16, "zeroscope": 24}
+
+
+def training_frames(name_or_path: str | os.PathLike, folder: Path) -> int:
+    """The checkpoint's training length: 24 for Zeroscope v2 (hub ids, cached copies and original `zs2_*` folders),
+    else 16 (ModelScope text-to-video-ms-1.7b and its fine-tunes)."""
+    names = f"{name_or_path} {folder}".lower()
+    zeroscope = "zeroscope" in names or folder.name.lower().startswith("zs2")
+    return TRAINING_FRAMES["zeroscope" if zeroscope else "modelscope"]
+
+
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointNotFoundError(f"missing file: {path}")

@@ -16,12 +16,23 @@ import torch
 
 from .noise import Generator
 
+# the family's longest training length (Zeroscope v2: 24 frames): a clip this short always runs all frames at once
+ALL_AT_ONCE_FRAMES = 24
+
+
+def default_window(num_frames: int, training_frames: int | None) -> int:
+    """Frames the UNet sees at once when window_size is not given: the whole clip up to ALL_AT_ONCE_FRAMES (or when
+    `training_frames` is None: the diffusers-named classes never window by default), else the training length."""
+    if training_frames is None or num_frames <= ALL_AT_ONCE_FRAMES:
+        return max(num_frames, 2)
+    return training_frames
+
 
 def check_window(num_frames: int, window_size: int, window_stride: int | None, loop: bool) -> int:
     """Validate the window options; returns the stride (default window_size // 4)."""
     if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 2:
         raise ValueError(f"window_size must be an integer >= 2, got {window_size!r}")
-    stride = window_size // 4 if window_stride is None else window_stride
+    stride = max(1, window_size // 4) if window_stride is None else window_stride
     if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= window_size:
         raise ValueError(f"window_stride must be an integer in [1, window_size={window_size}], got {window_stride!r}")
     if loop and num_frames < 2:

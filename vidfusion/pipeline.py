@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 
 from . import loading
 from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
-from .long_video import check_keyframes, check_window, keyframe_weights, reschedule_noise, windowed
+from .long_video import check_keyframes, check_window, default_window, keyframe_weights, reschedule_noise, windowed
 from .lora import LoraAdapters, read_lora_file
 from .noise import free_init_filter as free_init_filter_mask
 from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler
 from .offload import SequentialOffload, offload_device
 from .sampling import SAMPLERS
 from .schedulers import Scheduler, scheduler_from_checkpoint
-from .schedules import FEW_STEP_DEFAULTS, NoiseSchedule, resolve_sampler, sampler_options
+from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, NoiseSchedule, resolve_sampler, sampler_options, step_defaults
 from .text_encoder import encode_text
 from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
 from .vae import approximate_rgb
@@ -34,17 +34,24 @@ COMPILED_BLOCKS = (ResnetBlock, TemporalConvLayer, Transformer2D, TransformerTem
 @dataclass
 class TextToVideoOutput:
     """`frames`: (B, F, H, W, 3) array for "np", (B, F, 3, H, W) tensor for "pt", lists of PIL images for
-    "pil", or the final latents (B, 4, F, H/8, W/8) for "latent"."""
+    "pil", or the final latents (B, 4, F, H/8, W/8) for "latent". `settings`: what ran, defaults resolved (sampler,
+    num_inference_steps, guidance_scale, num_frames, height, width; strength for video-to-video): what a file made
+    from these frames records."""
 
     frames: Any
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class TextToVideoPipeline:
     """Text-to-video with the ModelScope text-to-video-ms-1.7b family (and Zeroscope v2)."""
 
-    # frames the UNet sees at once when window_size is not given (the model's training length);
-    # None (the diffusers-named classes) runs every frame at once, exactly as diffusers does
-    default_window_size: int | None = 16
+    # long clips (above long_video.ALL_AT_ONCE_FRAMES) run in windows of the checkpoint's training length unless
+    # window_size is given; False (the diffusers-named classes) runs every frame at once, exactly as diffusers does
+    windows_by_default: bool = True
+    # frames the checkpoint was trained on (from_pretrained sets it: 24 for Zeroscope v2, else 16)
+    training_frames: int = loading.TRAINING_FRAMES["modelscope"]
+    # guidance_scale of the multi-step samplers when a call does not give it (few-step samplers have their own)
+    default_guidance_scale: float = 9.0
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler: Scheduler):
         self.unet = unet
@@ -95,6 +102,7 @@ class TextToVideoPipeline:
         except ValueError as exc:
             raise loading.CheckpointError(str(exc)) from None
         pipe = cls(**parts, scheduler=scheduler)
+        pipe.training_frames = loading.training_frames(name_or_path, folder)
         pipe = pipe.to(device) if device is not None else pipe
         return pipe.compile() if compile else pipe
 
@@ -244,7 +252,18 @@ class TextToVideoPipeline:
     def generation_defaults(self, sampler: str | None = None) -> tuple[str, int, float]:
         """(sampler, num_inference_steps, guidance_scale) a call uses when they are not given."""
         base = self._sampler(sampler)[0]
-        return (sampler or base, *_step_defaults(base, None, None))
+        return (sampler or base, *step_defaults(base, self.default_guidance_scale))
+
+    def sampler_defaults(self) -> dict[str, tuple[int, float]]:
+        """(num_inference_steps, guidance_scale) for every sampler name this pipeline can run, "" for its default
+        sampler: what the service and its web form fill in when a request leaves them out."""
+        table = {"": self.generation_defaults()[1:]}
+        for name in SAMPLER_NAMES:
+            try:
+                table[name] = self.generation_defaults(name)[1:]
+            except ValueError:  # t2v-turbo without the T2V-Turbo UNet
+                continue
+        return table
 
     def _guidance_condition(self, guidance_scale: float, batch: int) -> torch.Tensor | None:
         """The guidance scale as the UNet's guidance embedding (B, D) for a guidance-distilled UNet, else None."""
@@ -323,9 +342,12 @@ class TextToVideoPipeline:
         free_init_temporal: float = 0.25,
     ) -> TextToVideoOutput | tuple:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
-        num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (7.5 for t2v-turbo)."""
+        num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
+        guidance, for lcm / mcm; 7.5 for t2v-turbo)."""
         base, options = self._sampler(sampler)
-        num_inference_steps, guidance_scale = _step_defaults(base, num_inference_steps, guidance_scale)
+        default_steps, default_guidance = step_defaults(base, self.default_guidance_scale)
+        num_inference_steps = default_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = default_guidance if guidance_scale is None else guidance_scale
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         keyframes = check_keyframes(prompt, num_frames) if isinstance(prompt, dict) else None
@@ -336,7 +358,8 @@ class TextToVideoPipeline:
         if window_size is not None and isinstance(window_size, int) and window_size > num_frames and not loop:
             raise ValueError(f"window_size={window_size} is larger than num_frames={num_frames}; leave it out for "
                              "clips no longer than the training length")
-        window_size = window_size or self.default_window_size or max(num_frames, 2)
+        training = self.training_frames if self.windows_by_default else None
+        window_size = window_size or default_window(num_frames, training)
         stride = check_window(num_frames, window_size, window_stride, loop)
         if keyframes and (not isinstance(negative_prompt, (str, type(None))) or prompt_embeds is not None):
             raise ValueError("with a keyframe prompt dict pass one negative_prompt string and no prompt_embeds")
@@ -452,7 +475,9 @@ class TextToVideoPipeline:
         else:
             video = _postprocess(self.decode_latents(x), output_type)
         self._release()
-        return TextToVideoOutput(frames=video) if return_dict else (video,)
+        settings = {"sampler": sampler or base, "num_inference_steps": num_inference_steps,
+                    "guidance_scale": float(guidance_scale), "num_frames": num_frames, "height": height, "width": width}
+        return TextToVideoOutput(frames=video, settings=settings) if return_dict else (video,)
 
     def _initial_latents(self, shape: tuple[int, ...], generator, dtype: torch.dtype, latents: torch.Tensor | None,
                          sampler: str, schedule: NoiseSchedule) -> tuple[torch.Tensor | None, int]:
@@ -496,29 +521,17 @@ def _repeat(items, times: int):
     return [item for item in items for _ in range(times)]
 
 
-SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "num_frames", "height", "width", "fps")
+SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "fps")
 
 
-def generation_settings(pipe: TextToVideoPipeline, params: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The settings a video was made with, as stored in the files the service and batch jobs write: the call's
-    parameters with the sampler, steps and guidance it defaulted to, the vidfusion version and `extra`."""
+def generation_settings(ran: dict[str, Any], params: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The settings a video was made with, as stored in the files the service and batch jobs write: what ran
+    (`TextToVideoOutput.settings`: sampler, steps, guidance and size with defaults resolved), the request's prompt,
+    negative prompt, seed and fps, the vidfusion version and `extra`."""
     from . import __version__
 
-    sampler, steps, guidance = pipe.generation_defaults(params.get("sampler"))
-    if params.get("num_inference_steps") is not None:
-        steps = params["num_inference_steps"]
-    if params.get("guidance_scale") is not None:
-        guidance = params["guidance_scale"]
-    settings = {"vidfusion": __version__, **extra, **{k: params.get(k) for k in SETTINGS_KEYS}, "sampler": sampler,
-                "num_inference_steps": steps, "guidance_scale": guidance}
+    settings = {"vidfusion": __version__, **extra, **{k: params.get(k) for k in SETTINGS_KEYS}, **ran}
     return {k: v for k, v in settings.items() if v not in (None, "")}
-
-
-def _step_defaults(sampler: str, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
-    """num_inference_steps and guidance_scale when not given: the few-step samplers' own, else 50 and 9."""
-    defaults = {"num_inference_steps": 50, "guidance_scale": 9.0, **FEW_STEP_DEFAULTS.get(sampler, {})}
-    return (defaults["num_inference_steps"] if steps is None else steps,
-            defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
 
 
 def _check_freeu(freeu) -> tuple[float, float, float, float]:
@@ -589,7 +602,7 @@ class TextToVideoSDPipeline(TextToVideoPipeline):
     """diffusers' name, so that scripts switch by changing their imports: everything as TextToVideoPipeline,
     but long clips run all frames at once (no windows unless window_size is passed), as diffusers does."""
 
-    default_window_size = None
+    windows_by_default = False
 
 
 class DiffusionPipeline:

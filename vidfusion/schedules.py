@@ -63,11 +63,23 @@ SAMPLER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 SAMPLER_NAMES = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-ancestral", "heun", "lms", "pndm", "unipc",
                  "lcm", "mcm", "t2v-turbo")
-# Few-step samplers: their own defaults for num_inference_steps (and guidance, for T2V-Turbo's embedded guidance)
+# Few-step samplers: their own num_inference_steps and guidance_scale. LCM / MCM run without classifier-free
+# guidance (1: one UNet pass a step, as MCM's demo); T2V-Turbo's 7.5 is an input of its UNet (embedded guidance).
 FEW_STEP_DEFAULTS: dict[str, dict[str, float]] = {
-    "lcm": {"num_inference_steps": 4},
+    "lcm": {"num_inference_steps": 4, "guidance_scale": 1.0},
     "t2v-turbo": {"num_inference_steps": 4, "guidance_scale": 7.5},
 }
+# every other sampler: 50 steps, guidance 9 (text-to-video) or 15 (video-to-video), diffusers' defaults
+MULTI_STEP_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 9.0}
+
+
+def step_defaults(sampler: str, guidance_scale: float = MULTI_STEP_DEFAULTS["guidance_scale"]) -> tuple[int, float]:
+    """(num_inference_steps, guidance_scale) of a base sampler when a call does not give them; `guidance_scale` is
+    the pipeline's own default for the multi-step samplers. The one place every entry point takes them from."""
+    few = FEW_STEP_DEFAULTS.get(sampler)
+    if few is not None:
+        return int(few["num_inference_steps"]), float(few["guidance_scale"])
+    return int(MULTI_STEP_DEFAULTS["num_inference_steps"]), float(guidance_scale)
 
 # diffusers scheduler class (as named in scheduler_config.json) -> our sampler
 SCHEDULER_CLASSES = {

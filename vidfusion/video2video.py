@@ -59,7 +59,8 @@ class VideoToVideoPipeline(TextToVideoPipeline):
     All frames go through the UNet at once, as in diffusers; pass window_size for inputs longer than the model's
     training length."""
 
-    default_window_size = None
+    windows_by_default = False
+    default_guidance_scale = 15.0  # diffusers' VideoToVideoSDPipeline default (few-step samplers keep their own)
     _init_video: torch.Tensor | None = None
     _strength: float = 0.6
 
@@ -69,13 +70,14 @@ class VideoToVideoPipeline(TextToVideoPipeline):
         new = cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
         new._progress = dict(pipe._progress)
         new._freeu = pipe._freeu
+        new.training_frames = pipe.training_frames
         new._lora = pipe._lora  # the same weights, so the same adapters
         new._offload, new._offload_device, new._sequential = pipe._offload, pipe._offload_device, pipe._sequential
         return new
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | dict[int, str] | None = None, video: Any = None,
-                 strength: float = 0.6, *, guidance_scale: float = 15.0, height: int | None = None,
+                 strength: float = 0.6, *, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, num_frames: int | None = None, **kwargs: Any) -> TextToVideoOutput | tuple:
         """Generate from `video` (frames or a file path): strength 0 keeps it, 1 ignores it. height/width resize
         the frames first (multiples of 8). Other arguments as TextToVideoPipeline."""
@@ -96,10 +98,13 @@ class VideoToVideoPipeline(TextToVideoPipeline):
             raise ValueError(f"num_frames={num_frames} but the video has {frames.shape[1]} frames")
         self._init_video, self._strength = resize_video(frames, height, width), float(strength)
         try:
-            return super().__call__(prompt, num_frames=frames.shape[1], height=height, width=width,
-                                    guidance_scale=guidance_scale, **kwargs)
+            output = super().__call__(prompt, num_frames=frames.shape[1], height=height, width=width,
+                                      guidance_scale=guidance_scale, **kwargs)
         finally:
             self._init_video = None
+        if isinstance(output, TextToVideoOutput):
+            output.settings["strength"] = float(strength)
+        return output
 
     def _initial_latents(self, shape: tuple[int, ...], generator, dtype: torch.dtype, latents: torch.Tensor | None,
                          sampler: str, schedule: NoiseSchedule) -> tuple[torch.Tensor | None, int]:

@@ -31,8 +31,9 @@ class ServeSettings:
     default_height: int = 256
     default_width: int = 256
     model: str = ""
-    default_steps: int = 50  # 4 when the server runs T2V-Turbo (--turbo)
-    default_guidance: float = 9.0  # 7.5 for T2V-Turbo
+    # sampler name ("" = the pipeline's default) -> (num_inference_steps, guidance_scale) when a request leaves them
+    # out: TextToVideoPipeline.sampler_defaults(); a sampler missing here is refused (422)
+    sampler_defaults: dict[str, tuple[int, float]] = field(default_factory=lambda: {"": (50, 9.0)})
     video_metadata: dict[str, Any] = field(default_factory=dict)  # stored in every video beside its parameters
 
 
@@ -116,10 +117,14 @@ def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -
         params = body.model_dump()
         params["height"] = params["height"] or settings.default_height
         params["width"] = params["width"] or settings.default_width
+        defaults = settings.sampler_defaults.get(params["sampler"] or "")
+        if defaults is None:
+            raise _field_error("sampler", f"sampler {params['sampler']!r} does not run on this server's model; "
+                                          f"choose one of: {', '.join(s for s in settings.sampler_defaults if s)}")
         if params["num_inference_steps"] is None:
-            params["num_inference_steps"] = settings.default_steps
+            params["num_inference_steps"] = defaults[0]
         if params["guidance_scale"] is None:
-            params["guidance_scale"] = settings.default_guidance
+            params["guidance_scale"] = defaults[1]
         if params["num_frames"] > settings.max_frames:
             raise _field_error("num_frames", f"num_frames must be at most {settings.max_frames} on this server")
         if params["height"] * params["width"] > settings.max_pixels:

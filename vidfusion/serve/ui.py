@@ -83,6 +83,10 @@ const $ = (id) => document.getElementById(id);
 const CFG = __CONFIG__;
 let current = null;
 $("token").value = localStorage.getItem("vidfusion-token") || "";
+$("sampler").addEventListener("change", () => {  // a few-step sampler brings its own steps and guidance
+  const d = CFG.sampler_defaults[$("sampler").value];
+  if (d) { $("num_inference_steps").value = d.steps; $("guidance_scale").value = d.guidance; }
+});
 $("token").addEventListener("change", () => { localStorage.setItem("vidfusion-token", $("token").value); gallery(); });
 
 function headers(extra) {
@@ -212,10 +216,14 @@ gallery();
 
 def render_ui(settings: Any, samplers: Sequence[str]) -> str:
     """The page with this server's defaults filled in."""
+    defaults = settings.sampler_defaults
     options = '<option value="">checkpoint default</option>' + "".join(
-        f'<option value="{html.escape(s)}">{html.escape(s)}</option>' for s in samplers)
-    config = {"max_frames": settings.max_frames, "max_pixels": settings.max_pixels}
+        f'<option value="{html.escape(s)}">{html.escape(s)}</option>' for s in samplers if s in defaults)
+    config = {"max_frames": settings.max_frames, "max_pixels": settings.max_pixels,
+              "sampler_defaults": {name: {"steps": steps, "guidance": guidance}
+                                   for name, (steps, guidance) in defaults.items()}}
+    steps, guidance = defaults[""]
     return (_PAGE.replace("__MODEL__", html.escape(settings.model)).replace("__W__", str(settings.default_width))
-            .replace("__H__", str(settings.default_height)).replace("__STEPS__", str(settings.default_steps))
-            .replace("__GUIDANCE__", f"{settings.default_guidance:g}").replace("__SAMPLERS__", options)
+            .replace("__H__", str(settings.default_height)).replace("__STEPS__", str(steps))
+            .replace("__GUIDANCE__", f"{guidance:g}").replace("__SAMPLERS__", options)
             .replace("__CONFIG__", json.dumps(config)))

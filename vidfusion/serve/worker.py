@@ -73,15 +73,16 @@ class Worker(threading.Thread):
         try:
             log.info("job %s: running", job_id)
             generator = torch.Generator("cpu").manual_seed(params["seed"])  # same video on any device
-            frames = self.pipe(params["prompt"], params.get("negative_prompt"), num_frames=params["num_frames"],
+            output = self.pipe(params["prompt"], params.get("negative_prompt"), num_frames=params["num_frames"],
                                height=params["height"], width=params["width"], num_inference_steps=total,
                                guidance_scale=params["guidance_scale"], sampler=params.get("sampler"),
-                               generator=generator, callback=on_step, output_type="np").frames[0]
+                               generator=generator, callback=on_step, output_type="np")
+            frames = output.frames[0]
             if self.store.status_of(job_id) != RUNNING:
                 return
             write_image(frames, self.store.poster_path(job_id))
             export_to_video(frames, self.store.video_path(job_id), fps=params["fps"],
-                            metadata=generation_settings(self.pipe, params, **self.video_metadata))
+                            metadata=generation_settings(output.settings, params, **self.video_metadata))
             if not self.store.finish(job_id, SUCCEEDED):  # cancelled while encoding: drop the file
                 self.store.video_path(job_id).unlink(missing_ok=True)
             log.info("job %s: succeeded", job_id)

@@ -133,6 +133,18 @@ def test_long_clips_window_at_the_checkpoint_training_length(tiny_checkpoint, tm
     assert max(_unet_frames(pipe, window_size=8, **args)[0]) == 8  # overridable
 
 
+def test_windowed_batch_equals_one_call_per_video(ours):
+    """Catches FreeNoise's rescheduling drawing every video's permutations from generator[0]: videos after the first
+    got the first one's shuffles, so a batch of 3 at 2x the window differed from three single calls."""
+    args = dict(num_frames=16, height=16, width=16, num_inference_steps=2, window_size=8, output_type="latent")
+    batch = ours(["a red car", "a blue boat"], num_videos_per_prompt=2, generator=[gen(s) for s in range(4)],
+                 **args).frames
+    prompts = ["a red car", "a red car", "a blue boat", "a blue boat"]
+    for i, prompt in enumerate(prompts):
+        single = ours(prompt, generator=gen(i), **args).frames
+        assert torch.allclose(batch[i:i + 1], single, atol=1e-5, rtol=1e-4), i
+
+
 RSS_SCRIPT = """
 import resource, sys, torch
 from vidfusion import TextToVideoPipeline

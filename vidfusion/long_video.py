@@ -64,8 +64,14 @@ def pyramid_weights(size: int, device: torch.device) -> torch.Tensor:
 
 def reschedule_noise(noise: torch.Tensor, size: int, stride: int, generator: Generator) -> torch.Tensor:
     """FreeNoise: frames after the first window get a shuffled copy of the noise `size` frames earlier.
-    noise (B, C, F, H, W)."""
-    gen = generator[0] if isinstance(generator, list) else generator
+    noise (B, C, F, H, W); with one generator per video, video b's permutations come from generator[b] (so a batch
+    gives the same videos as one call per video)."""
+    if isinstance(generator, list):
+        return torch.cat([_reschedule(noise[b:b + 1], size, stride, gen) for b, gen in enumerate(generator)])
+    return _reschedule(noise, size, stride, generator)
+
+
+def _reschedule(noise: torch.Tensor, size: int, stride: int, gen: torch.Generator | None) -> torch.Tensor:
     gen = gen if gen is None or gen.device.type == "cpu" else None
     noise = noise.clone()
     frames = noise.shape[2]

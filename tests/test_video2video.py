@@ -82,10 +82,46 @@ def test_inputs_file_pil_tensor_and_resize(ours_v2v, tmp_path):
     assert big.shape == (1, 4, 48, 64, 3)
 
 
-def test_strength_zero_returns_the_encoded_video(ours_v2v):
+def test_strength_zero_returns_the_encoded_video(ours_v2v, reference):
+    """Catches a strength-0 run that denoises anyway or drops the input: the latents are diffusers' VAE posterior
+    sample of the video (same generator), scaled."""
     out = ours_v2v("x", video=VIDEO, strength=0.0, num_inference_steps=3, output_type="latent",
                    generator=torch.Generator().manual_seed(0)).frames
-    assert out.shape == (1, 4, 4, 16, 24) and torch.isfinite(out).all()
+    frames = torch.from_numpy(VIDEO).permute(0, 3, 1, 2) * 2 - 1  # (F, 3, H, W) in [-1, 1]
+    with torch.no_grad():
+        dist = reference.vae.encode(frames).latent_dist
+    expected = dist.sample(generator=torch.Generator().manual_seed(0)) * reference.vae.config.scaling_factor
+    assert_latents_close(expected.permute(1, 0, 2, 3)[None], out)  # (1, C, F, h, w)
+
+
+@pytest.mark.parametrize("sampler, expected", [("lcm", [499, 259]), ("mcm", [499, 259])])
+def test_few_step_samplers_start_at_their_first_timestep_below_strength(ours_v2v, sampler, expected):
+    """Catches the few-step samplers refused for video-to-video (or started from noise): at strength 0.6 a 4-step
+    LCM run (999, 759, 499, 259) starts at 499, one UNet pass a step (no CFG)."""
+    seen = []
+    hook = ours_v2v.unet.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[0], int(args[1]))))
+    try:
+        out = ours_v2v("a dog", video=VIDEO, strength=0.6, sampler=sampler,
+                       generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        hook.remove()
+    assert seen == [(1, t) for t in expected] and out.shape == (1, 4, 32, 48, 3)
+
+
+def test_consistency_start_state_is_diffusers_add_noise():
+    from diffusers import LCMScheduler
+
+    from vidfusion.sampling import first_step, start_state
+    from vidfusion.schedules import NoiseSchedule, sampler_options
+
+    x0, noise = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4)
+    for sampler, timesteps in (("lcm", [999, 759, 499, 259]), ("t2v-turbo", [999, 759, 519, 279])):
+        schedule = NoiseSchedule.create(sampler_options(sampler, {}), 4)
+        reference = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        for start, t in enumerate(timesteps):
+            expected = reference.add_noise(x0, noise, torch.tensor([t]))
+            assert torch.allclose(start_state(sampler, schedule, x0, noise, start), expected, atol=1e-6)
+        assert [first_step(sampler, schedule, s) for s in (0.0, 0.2, 0.3, 0.6, 0.76, 1.0)] == [4, 4, 3, 2, 1, 0]
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -129,7 +129,8 @@ def sample_pndm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
     if schedule.prediction_type == "sample":
         raise ValueError("pndm sampler: prediction_type='sample' is not supported")
     if start:
-        raise ValueError("the pndm sampler cannot start part-way (video-to-video); use ddim, dpmpp-2m or unipc")
+        raise ValueError(f"the pndm sampler cannot start part-way (video-to-video); use one of "
+                         f"{', '.join(PARTIAL_SAMPLERS)}")
     final = torch.tensor(1.0) if opts["set_alpha_to_one"] else ac[0]
     stride = opts["num_train_timesteps"] // n
     base = spaced_timesteps(opts, n, integer=True)[::-1].copy()  # ascending
@@ -466,10 +467,11 @@ def consistency_scalings(t: torch.Tensor, timestep_scaling: float, sigma_data: f
 
 
 def _sample_consistency(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, sampler: str,
-                        noise_sampler: NoiseSampler, callback: Callback) -> torch.Tensor:
+                        noise_sampler: NoiseSampler, callback: Callback, start: int) -> torch.Tensor:
     opts, ac = schedule.options, schedule.alphas_cumprod
     timesteps = torch.from_numpy(consistency_timesteps(opts, schedule.num_steps, sampler))
-    for i, t in enumerate(timesteps):
+    for i in range(start, len(timesteps)):
+        t = timesteps[i]
         x0, _ = vp_x0_eps(model_fn(x, t), x, ac[t], schedule.prediction_type)
         if opts.get("clip_sample"):
             x0 = x0.clamp(-opts["clip_sample_range"], opts["clip_sample_range"])
@@ -485,16 +487,16 @@ def _sample_consistency(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSched
 
 
 def sample_lcm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
-               callback: Callback = None) -> torch.Tensor:
+               callback: Callback = None, start: int = 0) -> torch.Tensor:
     """Latent consistency model multistep sampling (diffusers' LCMScheduler; MCM with timestep_scaling=4)."""
-    return _sample_consistency(model_fn, x, schedule, "lcm", noise_sampler, callback)
+    return _sample_consistency(model_fn, x, schedule, "lcm", noise_sampler, callback, start)
 
 
 def sample_t2v_turbo(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
-                     noise_sampler: NoiseSampler = None, callback: Callback = None) -> torch.Tensor:
+                     noise_sampler: NoiseSampler = None, callback: Callback = None, start: int = 0) -> torch.Tensor:
     """T2V-Turbo (MS): consistency sampling on every (50 // n)-th distillation timestep from 999, timestep scaling 10.
     The guidance scale is an input of the UNet (its guidance embedding), not classifier-free guidance."""
-    return _sample_consistency(model_fn, x, schedule, "t2v-turbo", noise_sampler, callback)
+    return _sample_consistency(model_fn, x, schedule, "t2v-turbo", noise_sampler, callback, start)
 
 
 def start_state(sampler: str, schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, start: int
@@ -507,11 +509,35 @@ def start_state(sampler: str, schedule: NoiseSchedule, x0: torch.Tensor, noise: 
     if sampler in ("dpmpp-2m", "unipc"):
         alpha_t, sigma_t = alpha_sigma(multistep_sigmas(schedule)[1][start])
         return alpha_t * x0 + sigma_t * noise
-    if sampler == "ddim":
-        t = int(spaced_timesteps(schedule.options, schedule.num_steps, integer=True)[start])
+    if sampler in ("ddim", *CONSISTENCY):
+        t = int(_start_timesteps(sampler, schedule)[start])
         a_t = schedule.alphas_cumprod[t]
         return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * noise
-    raise ValueError(f"the {sampler} sampler cannot start part-way (video-to-video); use ddim, dpmpp-2m or unipc")
+    raise ValueError(f"the {sampler} sampler cannot start part-way (video-to-video); use one of "
+                     f"{', '.join(PARTIAL_SAMPLERS)}")
+
+
+def first_step(sampler: str, schedule: NoiseSchedule, strength: float) -> int:
+    """The step video-to-video starts at for `strength` (0 keeps the input, 1 starts from noise): diffusers'
+    `steps - int(steps * strength)`; the few-step consistency samplers start at their first timestep at or below
+    strength * num_train_timesteps (num_steps: none runs)."""
+    steps = schedule.num_steps
+    if sampler not in CONSISTENCY:
+        return steps - min(int(steps * strength), steps)
+    limit = strength * schedule.options["num_train_timesteps"]
+    return next((i for i, t in enumerate(_start_timesteps(sampler, schedule)) if t <= limit), steps)
+
+
+def _start_timesteps(sampler: str, schedule: NoiseSchedule) -> np.ndarray:
+    if sampler in CONSISTENCY:
+        return consistency_timesteps(schedule.options, schedule.num_steps, sampler)
+    return spaced_timesteps(schedule.options, schedule.num_steps, integer=True)
+
+
+CONSISTENCY = ("lcm", "t2v-turbo")
+# samplers that can start part-way through their schedule (video-to-video); pndm cannot
+PARTIAL_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-ancestral", "heun", "lms", "unipc", "lcm",
+                    "mcm", "t2v-turbo")
 
 
 SAMPLERS = {

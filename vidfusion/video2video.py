@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .noise import frame_major_noise
 from .pipeline import TextToVideoOutput, TextToVideoPipeline
-from .sampling import start_state
+from .sampling import first_step, start_state
 from .schedules import NoiseSchedule
 from .video_io import read_video
 
@@ -109,7 +109,7 @@ class VideoToVideoPipeline(TextToVideoPipeline):
     def _initial_latents(self, shape: tuple[int, ...], generator, dtype: torch.dtype, latents: torch.Tensor | None,
                          sampler: str, schedule: NoiseSchedule) -> tuple[torch.Tensor | None, int]:
         steps = schedule.num_steps
-        start = steps - min(int(steps * self._strength), steps)  # strength 0 (or too few steps): no step runs
+        start = first_step(sampler, schedule, self._strength)  # strength 0 (or too few steps): no step runs
         b, c, f, h, w = shape
         video = self._init_video
         if video.shape[0] not in (1, b):

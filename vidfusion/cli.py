@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.6, help="with --init-video: 0 keeps it, 1 ignores it")
     gen.add_argument("--keyframe", action="append", default=[], metavar="FRAME:PROMPT",
                      help="prompt travel: the prompt from this frame on (the positional prompt is frame 0)")
-    gen.add_argument("--window-size", type=int, default=None, help="frames the UNet sees at once (default: all up to 24 frames, else the training length: 16, Zeroscope 24)")
+    gen.add_argument("--window-size", type=int, default=None,
+                     help="frames the UNet sees at once (default: all up to 24, else the training length: 16 or 24)")
     gen.add_argument("--window-stride", type=int, default=None, help="default window-size / 4")
     gen.add_argument("--loop", action="store_true", help="seamless loop: the last frame flows into the first")
     gen.add_argument("--noise-prior", choices=NOISE_PRIORS, default="iid")

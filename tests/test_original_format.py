@@ -3,6 +3,7 @@ restricted checkpoint reader on a Lightning-style VAE file whose pickle names a 
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -365,6 +366,12 @@ def test_convert_both_ways(folders, tmp_path):
         convert(to_diffusers, back, overwrite=True, dtype="float16")
     assert read_checkpoint(back / "text2video_pytorch_model.pth")["out.2.weight"].dtype == torch.float16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    from vidfusion.fileio import current_umask
+
+    mask = current_umask()  # published with the umask's permissions, not mkdtemp's / save_file's owner-only ones
+    assert os.stat(to_diffusers).st_mode & 0o777 == 0o777 & ~mask
+    for path in (to_diffusers / "unet" / "diffusion_pytorch_model.safetensors", back / "VQGAN_autoencoder.pth"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
     result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "convert", str(tmp_path / "nope"),
                              str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr

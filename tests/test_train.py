@@ -56,6 +56,12 @@ def test_loss_falls_and_the_lora_loads_in_vidfusion_and_diffusers(tiny_checkpoin
     assert any(".resnets.0.conv1.lora_A.weight" in k for k in state)
     assert all(state[k].item() == 4.0 for k in state if k.endswith(".alpha"))
     assert (out / "checkpoint-30").is_dir() and (out / "checkpoint-60").is_dir()
+    from vidfusion.fileio import current_umask
+
+    mask = current_umask()  # the umask's permissions, not mkstemp's / save_file's owner-only 0600
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+    assert os.stat(out / "checkpoint-30").st_mode & 0o777 == 0o777 & ~mask
+    assert all(os.stat(p).st_mode & 0o777 == 0o666 & ~mask for p in (out / "checkpoint-30").iterdir())
 
     ours = TextToVideoPipeline.from_pretrained(tiny_checkpoint)
     ours.set_progress_bar_config(disable=True)

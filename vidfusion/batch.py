@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .fileio import remove_temp_files, write_bytes, write_text
 from .schedules import SAMPLER_NAMES
 
 FIELDS = {"id": str, "prompt": str, "negative_prompt": str, "seed": int, "num_frames": int, "height": int,
@@ -196,9 +197,7 @@ class OutputDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        for tmp in self.path.glob(".*"):  # temp files of a run that was killed
-            if tmp.is_file() and tmp.suffix.lstrip(".") in FORMATS + ("tmp",):
-                tmp.unlink()
+        remove_temp_files(self.path)  # of a run that was killed (only vidfusion's own temp names)
         self.records = self._read_manifest()
         self.compact()
 
@@ -217,11 +216,7 @@ class OutputDir:
 
     def compact(self) -> None:
         """Rewrite the manifest with the latest line of every id (atomically)."""
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=self.path)
-        with os.fdopen(fd, "w") as f:
-            for record in self.records.values():
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, self.path / MANIFEST)
+        write_text(self.path / MANIFEST, "".join(json.dumps(record) + "\n" for record in self.records.values()))
 
     def video_path(self, row: dict[str, Any]) -> Path:
         return self.path / f"{row['id']}.{row.get('format', 'mp4')}"
@@ -234,10 +229,7 @@ class OutputDir:
         data, error = result["data"] or None, result["error"] or None
         path = self.video_path(row)
         if data:
-            fd, tmp = tempfile.mkstemp(prefix=f".{row['id']}.", suffix=".tmp", dir=self.path)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_bytes(path, data)
         # the full parameters the video was made with (defaults resolved), or those the row gave if it failed
         params = json.loads(result["settings"]) if result.get("settings") else dict(row)
         params = {k: v for k, v in params.items() if k not in ("id", "seed", "vidfusion")}

@@ -13,8 +13,6 @@ import collections
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import UNetConfig, VAEConfig
+from .fileio import atomic_folder
 from .loading import CheckpointError, first_keys
 from .naming import (
     clip_name_to_transformers,
@@ -312,13 +311,13 @@ def clip_tokenizer(cache_dir: str | Path | None = None):
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in lines]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
-        tmp = Path(tempfile.mkdtemp(prefix=".clip-bpe.", dir=_mkdir(folder.parent)))
-        (tmp / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+        _mkdir(folder.parent)
         try:
-            os.replace(tmp, folder)
+            with atomic_folder(folder) as tmp:
+                (tmp / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+                (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
         except OSError:  # another process made it first
-            shutil.rmtree(tmp, ignore_errors=True)
+            pass
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=77)
 
 
@@ -426,19 +425,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         raise FileNotFoundError(f"output folder '{dst.parent}' does not exist")
     parts = {"vae": vae, "text_encoder": clip} if original_source and to == "diffusers" else {}
     pipe = TextToVideoPipeline.from_pretrained(source, **parts)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_folder(dst, replace=True) as tmp:
         if to == "diffusers":
             _write_diffusers(pipe, tmp, target_dtype)
         else:
             extra = _clip_extra(clip) if clip is not None else None
             _write_original(pipe, tmp, target_dtype, extra)
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

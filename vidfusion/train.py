@@ -14,7 +14,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .fileio import atomic_file, atomic_folder
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
 _ATTENTION = (r"(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
@@ -190,19 +191,14 @@ def _save_atomic(folder: Path, files: dict[str, Any]) -> None:
     """Write a checkpoint folder completely under a temp name, then rename it into place."""
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    for name, content in files.items():
-        if name.endswith(".safetensors"):
-            save_file(content, tmp / name)
-        elif name.endswith(".json"):
-            (tmp / name).write_text(json.dumps(content, indent=1))
-        else:
-            torch.save(content, tmp / name)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_folder(folder, replace=True) as tmp:
+        for name, content in files.items():
+            if name.endswith(".safetensors"):
+                save_file(content, tmp / name)
+            elif name.endswith(".json"):
+                (tmp / name).write_text(json.dumps(content, indent=1))
+            else:
+                torch.save(content, tmp / name)
 
 
 def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: Any) -> Path:
@@ -330,10 +326,8 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
     from safetensors.torch import save_file
 
     final = out / "pytorch_lora_weights.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=".lora.", suffix=".safetensors", dir=out)
-    os.close(fd)
-    save_file(lora_state_dict(unet, alpha), tmp, metadata={"format": "pt", "target": opts.target})
-    os.replace(tmp, final)
+    with atomic_file(final, suffix=".safetensors") as tmp:
+        save_file(lora_state_dict(unet, alpha), tmp, metadata={"format": "pt", "target": opts.target})
     return final
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .fileio import atomic_file
 
 CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".gif": "gif"}
 
@@ -75,9 +78,8 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
         raise ValueError("no frames to export (the video is empty)")
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
-    if output_path is None:
-        handle, output_path = tempfile.mkstemp(suffix=".mp4")
-        os.close(handle)
+    if output_path is None:  # a fresh name: nothing exists there until the video is complete
+        output_path = Path(tempfile.gettempdir()) / f"vidfusion-{uuid.uuid4().hex}.mp4"
     path = Path(output_path)
     suffix = path.suffix.lower()
     if suffix not in CODECS:
@@ -90,15 +92,13 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
     if suffix in (".mp4", ".webm") and (h % 2 or w % 2):  # yuv420p needs even sizes: pad by repeating the edge
         video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         h, w = video.shape[1:3]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
     tags = {"comment": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else {}
     # the index (moov) before the data, so players start before the whole file has arrived (a muxer option)
     container_options = {"fflags": "+bitexact"}  # no random ids (Matroska UIDs) or version strings
     if suffix == ".mp4":
         container_options["movflags"] = "+faststart"
-    try:
-        with av.open(tmp, mode="w", container_options=container_options) as container:
+    with atomic_file(path, suffix=suffix) as tmp:
+        with av.open(str(tmp), mode="w", container_options=container_options) as container:
             container.metadata.update(tags)
             stream = container.add_stream(CODECS[suffix], rate=_rate(fps))
             stream.width, stream.height = w, h
@@ -115,12 +115,7 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
         if suffix == ".gif" and tags:  # the gif muxer writes no comment: add a GIF comment extension
-            Path(tmp).write_bytes(_gif_with_comment(Path(tmp).read_bytes(), tags["comment"]))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            tmp.write_bytes(_gif_with_comment(tmp.read_bytes(), tags["comment"]))
     return str(path)
 
 

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..fileio import remove_temp_files
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
@@ -109,8 +111,8 @@ class JobStore:
     def recover(self) -> list[str]:
         """After a crash: jobs left running go back to the queue (or fail after MAX_ATTEMPTS interruptions);
         half-written temp files are removed. Returns the ids that were requeued."""
-        for tmp in [*self.video_dir.glob(".*"), *self.image_dir.glob(".*")]:
-            tmp.unlink(missing_ok=True)
+        remove_temp_files(self.video_dir)
+        remove_temp_files(self.image_dir)
         with self._lock:
             rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
             requeued = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..fileio import atomic_file
 from ..pipeline import generation_settings
 from ..video_io import export_to_video
 from .jobs import FAILED, RUNNING, SUCCEEDED, JobStore
@@ -33,9 +33,8 @@ def write_image(frames: np.ndarray, path: Path, scale: int = 1) -> None:
     image = Image.fromarray(frame)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG" if path.suffix == ".png" else "JPEG", quality=90)
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=path.suffix) as tmp:
+        image.save(tmp, format="PNG" if path.suffix == ".png" else "JPEG", quality=90)
 
 
 class Worker(threading.Thread):

@@ -146,3 +146,31 @@ def test_same_bytes_in_a_busy_process(tmp_path):
         torch.randn(300, 300) @ torch.randn(300, 300)
         outputs.add((tmp_path / export_to_video(frames, tmp_path / f"{i}.mp4")).read_bytes())
     assert len(outputs) == 1
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def test_gif_palette_is_made_from_the_video(tmp_path):
+    """Catches the fixed rgb8 palette (3-3-2 bits: heavy banding): on a smooth two-colour gradient the video's own
+    palette gains >= 10 dB PSNR against the source frames (measured 2026-12-05: rgb8 20.8 dB, own palette 36.3 dB)."""
+    h, w = 64, 96
+    x = np.linspace(0, 1, w)[None, :, None]
+    y = np.linspace(0, 1, h)[:, None, None]
+    frames = np.stack([(x * np.array([0.9, 0.5, 0.2]) + y * np.array([0.1, 0.3, 0.6]) * (0.5 + 0.1 * t))
+                       for t in range(6)])
+    source = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    new = probe(export_to_video(source, tmp_path / "new.gif", fps=8))[3]
+    fixed = tmp_path / "fixed.gif"  # the old way: PyAV's gif encoder on rgb8
+    with av.open(str(fixed), "w") as container:
+        stream = container.add_stream("gif", rate=8)
+        stream.width, stream.height, stream.pix_fmt = w, h, "rgb8"
+        for frame in source:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    old = probe(fixed)[3]
+    assert len(new) == 6
+    new_db = np.mean([psnr(a, b) for a, b in zip(source, new)])
+    old_db = np.mean([psnr(a, b) for a, b in zip(source, old)])
+    assert new_db >= old_db + 10, (old_db, new_db)

@@ -103,8 +103,8 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
             stream = container.add_stream(CODECS[suffix], rate=_rate(fps))
             stream.width, stream.height = w, h
             if suffix == ".gif":
-                stream.pix_fmt = "rgb8"
-                frames = (av.VideoFrame.from_ndarray(frame, format="rgb24") for frame in video)
+                stream.pix_fmt = "pal8"
+                frames = _palettized(video, fps)
             else:
                 stream.pix_fmt = "yuv420p"
                 # one encoder thread, our own RGB -> YUV 4:2:0 and no x264 macroblock-tree pass (it reads memory it
@@ -118,6 +118,36 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
         if suffix == ".gif" and tags:  # the gif muxer writes no comment: add a GIF comment extension
             tmp.write_bytes(_gif_with_comment(tmp.read_bytes(), tags["comment"]))
     return str(path)
+
+
+def _palettized(video: np.ndarray, fps: float) -> list:
+    """uint8 frames (F, H, W, 3) -> pal8 frames sharing one 256-colour palette made from the whole video (ffmpeg's
+    palettegen + paletteuse through PyAV's filter graph; a fixed rgb8 palette bands gradients heavily)."""
+    import av
+
+    _, h, w, _ = video.shape
+    time_base = 1 / _rate(fps)
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=w, height=h, format="rgb24", time_base=time_base)
+    split, sink = graph.add("split"), graph.add("buffersink")
+    palette, use = graph.add("palettegen", "stats_mode=full"), graph.add("paletteuse", "dither=sierra2_4a")
+    source.link_to(split)
+    split.link_to(palette, 0, 0)
+    split.link_to(use, 1, 0)
+    palette.link_to(use, 0, 1)
+    use.link_to(sink)
+    graph.configure()
+    for i, array in enumerate(video):
+        frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+        frame.pts, frame.time_base = i, time_base
+        source.push(frame)
+    source.push(None)  # palettegen emits its palette at the end of the stream
+    frames = []
+    while True:
+        try:
+            frames.append(sink.pull())
+        except (av.error.EOFError, av.error.BlockingIOError):
+            return frames
 
 
 def _rate(fps: float):

@@ -158,3 +158,29 @@ def test_info_and_from_errors(tmp_path):
                          (("generate",), "pass a prompt")]:
         result = run(*args)
         assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_failure_while_running_exits_1_with_one_line_and_debug_traceback(tiny_checkpoint, tmp_path):
+    """Catches every RuntimeError / OSError turned into exit 2 (README keeps 2 for bad arguments): out of memory is
+    a failure while running (exit 1) whose line names what to change; --debug prints the traceback."""
+    huge = ["generate", "a dog", "--model", str(tiny_checkpoint), "--frames", "2", "--steps", "1", "--height",
+            "400000", "--width", "400000", "--quiet", "--out", str(tmp_path / "x.mp4")]
+    result = run(*huge)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "out of memory" in lines[0] and "--offload model" in lines[0] and "--vae-slicing" in lines[0]
+    debug = run(*huge, "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_default_name_never_replaces_a_file_and_the_seed_is_printed(tiny_checkpoint, tmp_path):
+    """Catches ./<slug>.mp4 silently replacing the previous video of the same prompt."""
+    args = ("generate", "a dog", "--model", str(tiny_checkpoint), "--frames", "2", "--steps", "1", "--quiet")
+    first, second = run(*args, "--seed", "3", cwd=tmp_path), run(*args, "--seed", "4", cwd=tmp_path)
+    assert first.returncode == second.returncode == 0, second.stderr
+    assert first.stdout.strip() == "a-dog.mp4" and second.stdout.strip() == "a-dog-1.mp4"
+    assert "seed 3" in first.stderr and "seed 4" in second.stderr
+    from vidfusion.video_io import read_metadata
+
+    assert read_metadata(tmp_path / "a-dog.mp4")["seed"] == 3 and read_metadata(tmp_path / "a-dog-1.mp4")["seed"] == 4

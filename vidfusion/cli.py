@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 DEFAULT_MODEL = "damo-vilab/text-to-video-ms-1.7b"
@@ -33,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .schedules import SAMPLER_NAMES
 
     parser = _Parser(prog="vidfusion", description="Text-to-video with ModelScope / Zeroscope checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or VIDFUSION_DEBUG=1)")
+    common = _Parser(add_help=False)  # --debug after the command too; SUPPRESS keeps a --debug given before it
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     gen = sub.add_parser("generate", help="generate a video from a prompt (or restyle one: --init-video)")
     gen.add_argument("prompt", nargs="?", default=None)
@@ -401,7 +407,9 @@ def _generate(args: argparse.Namespace) -> list[str]:
     if args.prompt is None:
         raise ValueError("pass a prompt (or --from VIDEO to regenerate a video vidfusion wrote)")
     init_video = args.video if upscale else args.init_video
-    out = Path(args.out or f"{slugify(args.prompt)}{'-upscaled' if upscale else ''}.mp4")
+    videos = 1 if upscale else args.num_videos
+    out = Path(args.out) if args.out else _free_output(f"{slugify(args.prompt)}{'-upscaled' if upscale else ''}",
+                                                        videos or 1)
     if out.suffix.lower() not in CODECS:
         raise ValueError(f"--out must end in one of {', '.join(CODECS)}, got '{out}'")
     if not out.parent.exists():
@@ -424,23 +432,53 @@ def _generate(args: argparse.Namespace) -> list[str]:
     prompt = args.prompt if upscale else _keyframes(args.prompt, args.keyframe)
     pipe = _load(VideoToVideoPipeline if init_video else TextToVideoPipeline, args)
     seed = args.seed if args.seed is not None else random.randrange(2**63)  # recorded, so the video can be remade
-    videos = 1 if upscale else args.num_videos
     generator = [torch.Generator().manual_seed(seed + i) for i in range(videos)]  # video i: seed + i
     if init_video:
         options.update(video=init_video, strength=args.strength)
     output = pipe(prompt, negative_prompt=args.negative_prompt, generator=generator, **options)
-    frames = output.frames
-    if len(frames) == 1:
-        return [export_to_video(frames[0], out, fps=fps, metadata=_metadata(args, output.settings, seed, fps))]
-    return [export_to_video(clip, out.with_name(f"{out.stem}-{i + 1}{out.suffix}"), fps=fps,
-                            metadata=_metadata(args, output.settings, seed + i, fps))
-            for i, clip in enumerate(frames)]
+    paths = [export_to_video(clip, path, fps=fps, metadata=_metadata(args, output.settings, seed + i, fps))
+             for i, (clip, path) in enumerate(zip(output.frames, _output_paths(out, videos)))]
+    seeds = f"{seed}" if videos == 1 else f"{seed}..{seed + videos - 1} (one per video)"
+    print(f"vidfusion: seed {seeds}; remake with --seed or --from {paths[0]}", file=sys.stderr)
+    return paths
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    """OUT for one video, OUT-1, OUT-2, ... (before the suffix) for several."""
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(count)]
+
+
+def _free_output(stem: str, count: int) -> Path:
+    """The default output ./STEM.mp4, or STEM-1.mp4, STEM-2.mp4, ... when that is taken: never replaces a file."""
+    for k in range(100_000):
+        out = Path(f"{stem}-{k}.mp4" if k else f"{stem}.mp4")
+        if not any(path.exists() for path in _output_paths(out, count)):
+            return out
+    raise FileExistsError(f"no free output name like ./{stem}.mp4; pass --out")
+
+
+# a failure while running that a user can do something about: the hint printed with it
+OUT_OF_MEMORY_HINT = ("out of memory: try --offload model (or sequential), --vae-slicing, --dtype float16 on a GPU, "
+                      "or a smaller --width / --height / --frames")
+
+
+def _failure_line(exc: BaseException) -> str:
+    """One line for an error while running (exit 1)."""
+    message = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError) or any(s in message.lower() for s in ("out of memory", "allocate memory",
+                                                                          "not enough memory")):
+        return f"vidfusion: error: {OUT_OF_MEMORY_HINT} ({type(exc).__name__}: {message[:300]})"
+    return f"vidfusion: error: {type(exc).__name__}: {message} (run with --debug for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code: 0 done, 2 bad arguments or input (one line, nothing written),
+    1 a failure while running (one line; --debug or VIDFUSION_DEBUG=1 prints the traceback), 130 interrupted."""
+    debug = os.environ.get("VIDFUSION_DEBUG", "") not in ("", "0")
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        debug = debug or getattr(args, "debug", False)
         if args.command == "generate" and args.from_file:
             defaults = vars(parser.parse_args(["generate", "x"]))
             _settings_from_video(args, {**defaults, "prompt": None})
@@ -470,12 +508,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UsageError as exc:
         print(f"vidfusion: error: {exc}", file=sys.stderr)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+        if debug:
+            traceback.print_exc()
         message = " ".join(str(exc).split())
         print(f"vidfusion: error: {message}", file=sys.stderr)
     except KeyboardInterrupt:
         print("vidfusion: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # out of memory, a full disk, a bug: a failure while running, not a bad argument
+        if debug:
+            traceback.print_exc()
+        print(_failure_line(exc), file=sys.stderr)
+        return 1
     return 2
 
 

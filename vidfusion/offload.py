@@ -14,13 +14,18 @@ _UNITS: tuple[type[nn.Module], ...] = (ResnetBlock, TemporalConvLayer, Transform
                                        Upsample, VAEAttention, TimestepEmbedding, nn.Conv2d, nn.Embedding)
 
 
+class NoAcceleratorError(ValueError, RuntimeError):
+    """Offload asked for on a machine without an accelerator: a bad argument (CLI exit 2); a RuntimeError as in
+    diffusers."""
+
+
 def offload_device(gpu_id: int | None, device: str | torch.device | None) -> torch.device:
     """The accelerator to offload to; a clear error when there is none and no device was given."""
     if device is not None:
         return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", gpu_id or 0)
-    raise RuntimeError(
+    raise NoAcceleratorError(
         "CPU offload needs an accelerator and none is available (torch.cuda.is_available() is False); "
         "run without offload, or pass device= explicitly"
     )

@@ -358,6 +358,10 @@ def _metadata(args: argparse.Namespace, ran: dict, seed: int, fps: int) -> dict:
         values["init_video"] = args.video
     meta = {key: values.get(attr) for key, attr in METADATA_ARGS.items() if key not in RUN_KEYS}
     meta.update({key: ran[key] for key in RUN_KEYS if key in ran})
+    if meta.get("noise_prior") == "iid":  # the plain prior: neither it nor its ratio applies
+        meta.pop("noise_prior"), meta.pop("base_noise_ratio", None)
+    if meta.get("free_init_iterations") == 1:  # no FreeInit
+        meta.pop("free_init_iterations"), meta.pop("free_init_filter", None)
     meta = {k: v for k, v in meta.items() if v not in (None, [], False)}
     return {"vidfusion": __version__, **meta}
 

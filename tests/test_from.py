@@ -1,0 +1,73 @@
+"""Every video the CLI writes records exactly what ran, and `generate --from FILE` remakes it bit for bit, for each
+kind of generation (in-process `cli.main`, so the cases stay fast; test_cli covers the subprocess path)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vidfusion import cli, export_to_video
+from vidfusion.video_io import read_metadata
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("from-inputs")
+    frames = np.random.default_rng(0).random((4, 32, 48, 3)).astype(np.float32)
+    video = export_to_video(frames, folder / "in.mp4", fps=6)
+    from vidfusion import TextToVideoPipeline
+
+    unet = TextToVideoPipeline.from_pretrained(tiny_checkpoint).unet.state_dict()
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key in [k for k in unet if k.endswith(("attn1.to_q.weight", "attn2.to_v.weight"))]:
+        out_dim, in_dim = unet[key].shape
+        module = key[: -len(".weight")]
+        state[f"unet.{module}.lora_A.weight"] = torch.randn(4, in_dim, generator=g) * 0.3
+        state[f"unet.{module}.lora_B.weight"] = torch.randn(out_dim, 4, generator=g) * 0.3
+    save_file(state, folder / "lora.safetensors")
+    return {"VIDEO": video, "LORA": str(folder / "lora.safetensors")}
+
+
+SMALL = ["--steps", "2", "--height", "32", "--width", "32", "--frames", "3"]
+KINDS = {
+    "text-to-video": ["generate", "a red fox", "--negative-prompt", "blurry", "--sampler", "dpmpp-2m", *SMALL],
+    "video-to-video": ["generate", "a red fox, oil painting", "--init-video", "VIDEO", "--strength", "0.5",
+                       "--steps", "4"],
+    "upscale": ["upscale", "VIDEO", "a red fox", "--width", "64", "--height", "48", "--steps", "3"],
+    "long-looping": ["generate", "waves", "--frames", "12", "--window-size", "6", "--window-stride", "2", "--loop",
+                     "--steps", "2", "--height", "16", "--width", "16"],
+    "keyframes": ["generate", "a cat", "--keyframe", "2:a dog", *SMALL],
+    "lora": ["generate", "a cat", "--lora", "LORA:0.7", *SMALL],
+}
+# what each kind must record (besides prompt, seed, model): the values that ran, not the parser's defaults
+EXPECTED = {
+    "text-to-video": {"sampler": "dpmpp-2m", "guidance_scale": 9.0, "height": 32, "width": 32, "num_frames": 3},
+    "video-to-video": {"guidance_scale": 15.0, "height": 32, "width": 48, "num_frames": 4, "strength": 0.5, "fps": 6},
+    "upscale": {"guidance_scale": 15.0, "height": 48, "width": 64, "num_frames": 4, "strength": 0.6, "fps": 6},
+    "long-looping": {"loop": True, "window_size": 6, "window_stride": 2, "num_frames": 12},
+    "keyframes": {"keyframes": ["2:a dog"]},
+    "lora": {"loras": [{"path": "LORA", "weight": 0.7}]},
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_from_remakes_the_same_file(kind, tiny_checkpoint, inputs, tmp_path):
+    """Catches metadata that describes another video (v2v guidance 9 / the model's default size recorded, strength
+    on a text-to-video file), and `--from` runs that differ from the original."""
+    args = [inputs.get(a, a) for a in KINDS[kind]]
+    args = [a.replace("LORA", inputs["LORA"]) if a.startswith("LORA") else a for a in args]
+    first, again = tmp_path / "first.mp4", tmp_path / "again.mp4"
+    assert cli.main([*args, "--model", str(tiny_checkpoint), "--seed", "5", "--out", str(first), "--quiet"]) == 0
+    meta = read_metadata(first)
+    expected = {k: (inputs["LORA"] if v == "LORA" else v) for k, v in EXPECTED[kind].items()}
+    if kind == "lora":
+        expected = {"loras": [{"path": inputs["LORA"], "weight": 0.7}]}
+    assert {k: meta.get(k) for k in expected} == expected, meta
+    assert meta["seed"] == 5 and meta["model"] == str(tiny_checkpoint)
+    assert ("strength" in meta) == (kind in ("video-to-video", "upscale"))  # only what applies
+    assert not {"base_noise_ratio", "free_init_filter", "free_init_iterations", "noise_prior"} & set(meta)
+    assert cli.main(["generate", "--from", str(first), "--out", str(again), "--quiet"]) == 0
+    assert again.read_bytes() == first.read_bytes()

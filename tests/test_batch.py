@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -137,63 +136,3 @@ def test_resume_after_kill_9_of_the_driver(tiny_checkpoint, tmp_path):
     assert all(r["status"] == "succeeded" for r in lines)
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.jsonl"] + [f"r{i}.mp4" for i in range(6)])
     assert all((out / f"{i}.mp4").stat().st_mtime_ns == t for i, t in first.items())  # not made twice
-
-
-# ---- Ray ------------------------------------------------------------------------------------------------------
-
-ray = pytest.importorskip("ray", reason="the ray extra: pip install 'vidfusion[ray]'")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_ray_outputs_equal_local(tiny_checkpoint, tmp_path, local_ray):
-    local = run(ROWS, tmp_path / "local", model=str(tiny_checkpoint), progress=False)
-    remote = run(ROWS, tmp_path / "ray", model=str(tiny_checkpoint), ray="local", workers=2, cpus_per_worker=1,
-                 progress=False)
-    assert [(r["id"], r["status"], r["seed"]) for r in remote] == [(r["id"], r["status"], r["seed"]) for r in local]
-    for record in local:
-        if record["status"] == "succeeded":
-            name = os.path.basename(record["path"])
-            assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
-
-
-def _ray_worker_pids() -> list[int]:
-    import psutil
-
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "MapWorker" in " ".join(proc.info["cmdline"] or []):
-            pids.append(proc.info["pid"])
-    return pids
-
-
-def test_killed_ray_worker_is_replaced_and_every_row_done_once(tiny_checkpoint, tmp_path, local_ray):
-    rows = [{"id": f"r{i}", "prompt": f"clip {i}", "num_frames": 4, "height": 64, "width": 64,
-             "num_inference_steps": 30} for i in range(4)]
-    out = tmp_path / "out"
-    killed = []
-
-    def killer():
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            pids = _ray_worker_pids()
-            if pids and (out / "manifest.jsonl").exists() and manifest(out):
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
-    records = run(rows, out, model=str(tiny_checkpoint), ray="local", workers=1, cpus_per_worker=2, progress=False)
-    thread.join()
-    assert killed, "no Ray worker process was found to kill"
-    assert [r["status"] for r in records] == ["succeeded"] * 4
-    lines = manifest(out)
-    assert sorted(r["id"] for r in lines) == [f"r{i}" for i in range(4)]
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.jsonl"] + [f"r{i}.mp4" for i in range(4)])

@@ -1,4 +1,4 @@
-"""Batch generation: rows (JSONL / CSV) -> ids and seeds -> a runner (this process, or a Ray Data actor pool)
+"""Batch generation: rows (JSONL / CSV) -> ids and seeds -> a runner (this process, or a pool of Ray actors)
 -> atomic video files + DIR/manifest.jsonl. Resumable: finished rows are skipped, failed ones retried.
 
     from vidfusion.batch import run
@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import json
@@ -176,13 +177,6 @@ class RowRenderer:
                             "seconds": time.perf_counter() - start, "settings": ""}
         raise AssertionError("unreachable")
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        """Ray Data batch interface: columns of rows in, columns of results out."""
-        rows = [json.loads(item) for item in batch["row"]]
-        results = [self.render(row, int(batch["retries"][0])) for row in rows]
-        return {key: [r[key] if r[key] is not None else default for r in results]
-                for key, default in (("id", ""), ("data", b""), ("error", ""), ("seconds", 0.0), ("settings", ""))}
-
 
 def _error(exc: BaseException) -> str:
     message = " ".join(str(exc).split())
@@ -252,13 +246,17 @@ def run(rows_or_path: str | os.PathLike | Iterable[dict[str, Any]], out_dir: str
         device: str | None = None, ray: str | None = None, workers: int | None = None,
         gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
         loras: list[tuple[str, float]] | None = None, lora_weight_name: str | None = None,
-        lora_target: str | None = None, turbo: bool = False, max_retries: int = 1,
-        progress: bool = True) -> list[dict[str, Any]]:
+        lora_target: str | None = None, turbo: bool = False, max_retries: int = 1, max_attempts: int = 3,
+        progress: bool = True, renderer: type[RowRenderer] | None = None) -> list[dict[str, Any]]:
     """Generate every row not already done in `out_dir`; returns the manifest records of all rows.
-    ray: None (this process), "local" (start a local Ray instance), "auto" or an address (a running cluster)."""
+    ray: None (this process), "local" (start a local Ray instance), "auto" or an address (a running cluster).
+    max_retries: retries of a row after an error that is not the row's own (in the same worker); max_attempts (Ray):
+    worker deaths on one row before it is recorded failed. renderer: the RowRenderer (sub)class rows run in."""
     rows = read_rows(rows_or_path)
     if not isinstance(max_retries, int) or max_retries < 0:
         raise BatchInputError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise BatchInputError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
     out = OutputDir(out_dir)
     pending = [row for row in rows if not out.done(row)]
     options = dict(model=model, variant=variant, dtype=dtype, vae=vae, clip=clip, loras=loras,
@@ -268,12 +266,12 @@ def run(rows_or_path: str | os.PathLike | Iterable[dict[str, Any]], out_dir: str
     by_id = {row["id"]: row for row in pending}
     try:
         if pending and ray is None:
-            renderer = RowRenderer(device=device, **options)
+            local = (renderer or RowRenderer)(device=device, **options)
             for row in pending:
-                bar(out.finish(row, renderer.render(row, max_retries)))
+                bar(out.finish(row, local.render(row, max_retries)))
         elif pending:
             for result in _ray_results(pending, ray, workers, gpus_per_worker, cpus_per_worker, max_retries,
-                                       options):
+                                       max_attempts, options, renderer or RowRenderer):
                 bar(out.finish(by_id[result["id"]], result))
     finally:
         bar(None)
@@ -282,31 +280,63 @@ def run(rows_or_path: str | os.PathLike | Iterable[dict[str, Any]], out_dir: str
 
 
 def _ray_results(rows: list[dict[str, Any]], address: str, workers: int | None, gpus: float | None,
-                 cpus: float | None, retries: int, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+                 cpus: float | None, retries: int, max_attempts: int, options: dict[str, Any],
+                 renderer: type = RowRenderer) -> Iterator[dict[str, Any]]:
+    """Rows rendered on a pool of Ray actors (one loaded pipeline each), one row per idle actor. A worker that dies
+    (killed, host out of memory, a crash) is replaced and its row queued again; after `max_attempts` deaths on the
+    same row, that row is failed with the cause and the others go on."""
+    ray = _connect_ray(address)
+    size = workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) // (gpus or cpus or 1)))
+    threads = max(1, int(cpus)) if cpus else None
+    actor_class = ray.remote(num_cpus=cpus or 1, num_gpus=gpus or 0, max_restarts=0, max_task_retries=0)(renderer)
+    actors = [actor_class.remote(**options, threads=threads) for _ in range(min(size, len(rows)))]
+    queue, running, deaths = collections.deque(rows), {}, collections.Counter()
+    idle = list(range(len(actors)))
+    try:
+        while queue or running:
+            while queue and idle:
+                slot, row = idle.pop(), queue.popleft()
+                running[actors[slot].render.remote(row, retries)] = (slot, row)
+            ref = ray.wait(list(running), num_returns=1)[0][0]
+            slot, row = running.pop(ref)
+            idle.append(slot)
+            try:
+                yield ray.get(ref)
+                continue
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                cause = _first_line(exc)
+                if "creation task" in str(exc):  # the pipeline cannot load on a worker: no row can run
+                    raise RuntimeError(f"Ray workers cannot start: {cause}") from None
+            ray.kill(actors[slot], no_restart=True)
+            actors[slot] = actor_class.remote(**options, threads=threads)
+            deaths[row["id"]] += 1
+            if deaths[row["id"]] < max_attempts:
+                queue.appendleft(row)
+            else:
+                yield {"id": row["id"], "data": None, "seconds": 0.0, "settings": "",
+                       "error": f"WorkerDied: its Ray worker died {deaths[row['id']]} times on this row ({cause})"}
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+
+
+def _connect_ray(address: str):
     try:
         import ray
-        import ray.data
     except ImportError:
-        raise BatchInputError('--ray needs Ray Data: pip install "vidfusion[ray]"') from None
+        raise BatchInputError('--ray needs Ray: pip install "vidfusion[ray]"') from None
     if not ray.is_initialized():
         quiet = {"log_to_driver": False, "logging_level": "ERROR"}
         if address == "local":
             ray.init(include_dashboard=False, **quiet)
         else:
             ray.init(address=address, **quiet)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours counts videos done / failed
-    context.print_on_execution_start = False
-    size = workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) // (gpus or cpus or 1)))
-    threads = max(1, int(cpus)) if cpus else None
-    dataset = ray.data.from_items([{"row": json.dumps(row), "retries": retries} for row in rows])
-    results = dataset.map_batches(
-        RowRenderer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
-        fn_constructor_kwargs={**options, "threads": threads}, num_gpus=gpus or 0, num_cpus=cpus or 1,
-        max_restarts=-1, max_task_retries=-1)  # a killed worker is restarted and its rows redone
-    for result in results.iter_rows():
-        yield {k: (v.item() if hasattr(v, "item") and not isinstance(v, (bytes, str)) else v)
-               for k, v in result.items()}
+    return ray
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _progress(total: int, done: int, enabled: bool) -> Callable[[dict[str, Any] | None], None]:

@@ -102,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
     bat.add_argument("--device", default=None, help="without --ray (default: cuda when available, else cpu)")
     bat.add_argument("--ray", default=None, metavar="ADDRESS",
-                     help="run on Ray Data: 'local' starts a local instance, 'auto' joins a running cluster")
+                     help="run on Ray actors: 'local' starts a local instance, 'auto' joins a running cluster")
     bat.add_argument("--workers", type=int, default=None, help="with --ray: actors (default: one per GPU / CPU)")
     bat.add_argument("--gpus-per-worker", type=float, default=None)
     bat.add_argument("--cpus-per-worker", type=float, default=None)
     bat.add_argument("--max-retries", type=int, default=1, help="retries of a row after a non-input error")
+    bat.add_argument("--max-attempts", type=int, default=3,
+                     help="with --ray: worker deaths (crash, out of memory) on one row before it is recorded failed")
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_lora_options(bat)
 
@@ -369,7 +371,7 @@ def _metadata(args: argparse.Namespace, ran: dict, seed: int, fps: int) -> dict:
 def _batch(args: argparse.Namespace) -> int:
     from .batch import read_rows, run, summary
 
-    _check_at_least_one(args, "workers")
+    _check_at_least_one(args, "workers", "max_attempts")
     if args.max_retries < 0:
         raise ValueError("--max-retries must be at least 0")
     total = len(read_rows(args.input))  # input errors before anything loads
@@ -378,7 +380,7 @@ def _batch(args: argparse.Namespace) -> int:
                   device=args.device, ray=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                   cpus_per_worker=args.cpus_per_worker, loras=_lora_specs(args),
                   lora_weight_name=args.lora_weight_name, lora_target=args.lora_target, turbo=args.turbo,
-                  max_retries=args.max_retries,
+                  max_retries=args.max_retries, max_attempts=args.max_attempts,
                   progress=not args.quiet)
     print(summary(records, total, args.out_dir))
     return 0 if all(r["status"] == "succeeded" for r in records) and len(records) == total else 1

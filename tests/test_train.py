@@ -103,10 +103,79 @@ def test_resume_after_kill_equals_the_uninterrupted_run(tiny_checkpoint, clips, 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoint-8").is_dir() and not (out / "pytorch_lora_weights.safetensors").exists()
+    newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    resumed_at = time.time()
     result = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     a, b = load_file(straight), load_file(out / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    # bit for bit: catches a resume that loads the adapter but not the optimizer state (or vice versa)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed run starts at the checkpoint's step (catches one that ignores the checkpoint and retrains from
+    # step 0: its weights are the same, every draw depending on (seed, step)), and each step is logged once
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 25))
+    assert all((r["time"] < resumed_at) == (r["step"] <= newest) for r in log), (newest, log)
+
+
+def test_resume_with_other_options_and_fresh_run_into_an_earlier_one_are_refused(tiny_checkpoint, clips, tmp_path):
+    """Catches --resume silently continuing with another rank / lr / target / data, and a fresh run that appends to
+    the old log and mixes its checkpoints with the earlier run's."""
+    out = tmp_path / "out"
+    common = dict(model=str(tiny_checkpoint), target="temporal", steps=2, checkpoint_every=2, **SIZE)
+    train_lora(clips, out, **common)
+    for change, names in ((dict(rank=8), "rank=4.*rank=8"), (dict(lr=5e-4), "lr=0.001.*lr=0.0005"),
+                          (dict(target="spatial"), "target='temporal'.*target='spatial'")):
+        with pytest.raises(ValueError, match=names):
+            train_lora(clips, out, **{**common, **change, "steps": 4, "resume": True})
+    other = tmp_path / "other-clips"
+    other.mkdir()
+    moving_square(other / "c.mp4")
+    (other / "c.txt").write_text("a square")
+    with pytest.raises(ValueError, match="data="):
+        train_lora(other, out, **{**common, "steps": 4, "resume": True})
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_lora(clips, out, **common)
+    train_lora(clips, out, **{**common, "steps": 4, "resume": True})  # the same options continue
+    log = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+    train_lora(clips, out, **{**common, "steps": 1, "checkpoint_every": 1, "overwrite": True})
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # the earlier run's are gone
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_mixed_precision_holds_the_frozen_models_in_half(tiny_checkpoint, clips, tmp_path, monkeypatch):
+    """Catches --mixed-precision leaving the frozen UNet in float32 (README's memory figures describe a half UNet):
+    every frozen weight is bfloat16, every LoRA weight float32, and the step trains."""
+    import vidfusion.train as train
+
+    seen = {}
+    original = train._optimizer
+
+    def capture(params, opts, device):
+        from vidfusion.pipeline import TextToVideoPipeline  # noqa: F401  (the models are built by now)
+
+        seen["params"] = params
+        return original(params, opts, device)
+
+    monkeypatch.setattr(train, "_optimizer", capture)
+    captured_unet = {}
+    original_inject = __import__("peft").inject_adapter_in_model
+
+    def inject(config, model, *args, **kwargs):
+        captured_unet["unet"] = model
+        return original_inject(config, model, *args, **kwargs)
+
+    monkeypatch.setattr("peft.inject_adapter_in_model", inject)
+    train_lora(clips, tmp_path / "out", model=str(tiny_checkpoint), target="all", steps=2, mixed_precision="bf16",
+               **SIZE)
+    unet = captured_unet["unet"]
+    frozen = {n: p.dtype for n, p in unet.named_parameters() if "lora_" not in n}
+    lora = {n: p.dtype for n, p in unet.named_parameters() if "lora_" in n}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, {n: d for n, d in frozen.items() if d != torch.bfloat16}
+    assert lora and set(lora.values()) == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in seen["params"])
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log)
 
 
 def test_bad_data_errors(tiny_checkpoint, clips, tmp_path):
@@ -156,3 +225,30 @@ def test_gpu_layout_group_norm_trains(monkeypatch):
     assert torch.allclose(y, reference.permute(0, 2, 3, 4, 1), atol=1e-5)
     y.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_temporal_conv_dropout_in_training_matches_diffusers(reference, ours):
+    """Catches the temporal convolutions skipping their Dropout(0.1) in train mode: with the same seed the UNet's
+    training forward equals diffusers' (which applies it), and eval mode has no dropout."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 3, 8, 8, generator=g)
+    t = torch.tensor([500])
+    text = torch.randn(1, 77, 32, generator=g)
+    try:
+        reference.unet.train()
+        ours.unet.train()
+        with torch.no_grad():
+            torch.manual_seed(0)
+            expected = reference.unet(x, t, text).sample
+            torch.manual_seed(0)
+            got = ours.unet(x, t, text)
+            torch.manual_seed(1)
+            other_mask = ours.unet(x, t, text)
+    finally:
+        reference.unet.eval()
+        ours.unet.eval()
+    assert_latents_close(expected, got)
+    with torch.no_grad():
+        evaluated = ours.unet(x, t, text)
+    assert (evaluated - got).abs().max() > 1e-3 * got.abs().max()  # dropout really acted in training
+    assert (other_mask - got).abs().max() > 1e-3 * got.abs().max()

@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA only)")
     tr.add_argument("--checkpoint-every", type=int, default=100)
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--overwrite", action="store_true", help="replace an earlier training run in --out")
     tr.add_argument("--validation-prompt", default=None)
     tr.add_argument("--validation-every", type=int, default=200)
     tr.add_argument("--seed", type=int, default=0)

@@ -37,7 +37,8 @@ class Linear(nn.Linear):
     torch.compile, whose lowering of that op wants its own prepacked weights)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and ONEDNN and not torch.compiler.is_compiling()
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and ONEDNN
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

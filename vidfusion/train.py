@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fileio import atomic_file, atomic_folder
+from .fileio import atomic_file, atomic_folder, write_text
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
 _ATTENTION = (r"(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
@@ -59,6 +59,7 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
     resume: bool = False
+    overwrite: bool = False  # a fresh run into an --out that holds an earlier run replaces it
     validation_prompt: str | None = None
     validation_every: int = 200
     seed: int = 0
@@ -172,6 +173,58 @@ def load_clips(pairs: list[tuple[Path, str]], opts: TrainOptions) -> tuple[list[
 
 # ---- the loop -----------------------------------------------------------------------------------------------
 
+# options a --resume must share with the checkpoint it continues (steps may grow; speed and memory options may change)
+RESUME_KEYS = ("model", "data", "target", "rank", "alpha", "lr", "batch_size", "frames", "height", "width", "fps",
+               "mixed_precision", "seed", "prompt", "offset_noise", "debias")
+# what a training run writes in --out
+RUN_FILES = ("train_log.jsonl", "pytorch_lora_weights.safetensors", "validation")
+
+
+def saved_options(opts: TrainOptions, data: str | os.PathLike, frames: int) -> dict[str, Any]:
+    """The options a checkpoint records: the run's, with the frames it trained on and the data's absolute path."""
+    return {**asdict(opts), "frames": frames, "data": str(Path(data).resolve())}
+
+
+def prepare_out(out: Path, opts: TrainOptions, options: dict[str, Any]) -> Path | None:
+    """Get --out ready; returns the checkpoint to resume from (None: a fresh run). A fresh run into a folder that
+    holds an earlier run is refused without `overwrite` (which removes that run); a resume must use the options the
+    checkpoint was trained with, and its log keeps only the steps up to the checkpoint (each step once)."""
+    import shutil
+
+    checkpoints = _state_paths(out)
+    if opts.resume and checkpoints:
+        saved = json.loads((checkpoints[-1] / "options.json").read_text())
+        if "data" in saved:
+            saved["data"] = str(Path(saved["data"]).resolve())
+        differ = [k for k in RESUME_KEYS if k in saved and saved[k] != options[k]]
+        if differ:
+            raise ValueError(f"--resume: {checkpoints[-1]} was trained with "
+                             + ", ".join(f"{k}={saved[k]!r}" for k in differ) + "; this run asks "
+                             + ", ".join(f"{k}={options[k]!r}" for k in differ)
+                             + ": pass the same options to continue it, or train into a new --out")
+        step = int(checkpoints[-1].name.split("-")[1])
+        log = out / "train_log.jsonl"
+        if log.is_file():  # steps after the checkpoint run again: drop their lines
+            kept = [line for line in log.read_text().splitlines()
+                    if line.strip() and _log_step(line) is not None and _log_step(line) <= step]
+            write_text(log, "".join(line + "\n" for line in kept))
+        return checkpoints[-1]
+    earlier = checkpoints + [out / name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not opts.overwrite:
+        raise FileExistsError(f"'{out}' holds an earlier training run ({', '.join(p.name for p in earlier[:4])}): "
+                              "pass --resume to continue it or --overwrite to replace it")
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
+
+
+def _log_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
+
+
 def _state_paths(out: Path) -> list[Path]:
     return sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit()
                   else -1)
@@ -219,15 +272,17 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
     out.mkdir(parents=True, exist_ok=True)
     pairs = find_clips(data, opts.prompt)
     clips, frames = load_clips(pairs, opts)
+    options_record = saved_options(opts, data, frames)
+    resume_from = prepare_out(out, opts, options_record)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision)
 
     pipe = TextToVideoPipeline.from_pretrained(opts.model).to(device)  # float32 master copy of the LoRA weights
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.gradient_checkpointing = opts.gradient_checkpointing
-    if half is not None:  # the frozen models in half precision; the LoRA weights stay float32
-        pipe.vae.to(half)
-        pipe.text_encoder.to(half)
+    if half is not None:  # the frozen models in half precision; peft keeps the LoRA weights in float32
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            model.to(half)
     with torch.no_grad():
         texts = encode_text(pipe.text_encoder, pipe.tokenizer, [c for _, c in pairs], device).float()  # (N, 77, D)
         latents = [_encode(pipe, clip.to(device)) for clip in clips] if opts.cache_latents else None
@@ -239,6 +294,8 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
         unet = inject_adapter_in_model(config, pipe.unet)
     for name, param in unet.named_parameters():
         param.requires_grad_("lora_" in name)
+        if "lora_" in name:  # peft casts new adapters to the base layer's dtype: train them in float32
+            param.data = param.data.float()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = _optimizer(params, opts, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -247,9 +304,8 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
     alphas_cumprod = schedule_alphas(pipe.scheduler.options).to(device)
     prediction = pipe.scheduler.options["prediction_type"]
     step = 0
-    checkpoints = _state_paths(out)
-    if opts.resume and checkpoints:
-        state_dir = checkpoints[-1]
+    if resume_from is not None:
+        state_dir = resume_from
         from safetensors.torch import load_file
 
         adapter = {k[len("unet."):]: v for k, v in load_file(state_dir / "adapter.safetensors").items()
@@ -267,7 +323,7 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
             "adapter.safetensors": lora_state_dict(unet, alpha),
             "training_state.pt": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "scaler": scaler.state_dict(), "noise_rng": noise_gen.get_state(), "step": step},
-            "options.json": {**asdict(opts), "frames": frames, "data": str(data)}})
+            "options.json": options_record})
 
     from tqdm.auto import tqdm
 
@@ -290,8 +346,10 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
             target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
             unet.train()
-            with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                pred = unet(noisy, t, context).float()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(opts.seed * 1_000_003 + step)  # dropout's draws depend on (seed, step): resumable
+                with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                    pred = unet(noisy, t, context).float()
             loss = F.mse_loss(pred, target)
             if opts.debias:  # MotionDirector: the loss also on frames relative to one anchor frame
                 k = math.sqrt(2.0)
@@ -304,7 +362,8 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
             scheduler.step()
             step += 1
             log.write(json.dumps({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                                  "seconds": round(time.perf_counter() - start, 4)}) + "\n")
+                                  "seconds": round(time.perf_counter() - start, 4), "time": round(time.time(), 3)})
+                      + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             bar.update()

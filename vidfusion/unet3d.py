@@ -47,9 +47,19 @@ class TemporalConvLayer(nn.Module):
         for seq in (self.conv1, self.conv2, self.conv3, self.conv4):
             norm, conv = seq[0], seq[-1]
             y = group_norm_silu(norm, y, batch_dims=1)  # statistics over (F, H, W) per video
+            if self.training and isinstance(seq[2], nn.Dropout) and seq[2].p > 0:
+                y = _dropout_as_diffusers(y, seq[2].p)
             y = F.conv2d(y.view(b, f, h * w, c).permute(0, 3, 1, 2), conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
             y = y.permute(0, 2, 3, 1).reshape(b, f, h, w, c)
         return x + y
+
+
+def _dropout_as_diffusers(y: torch.Tensor, p: float) -> torch.Tensor:
+    """nn.Dropout in training on y (B, F, H, W, C), with the mask drawn in diffusers' (B, C, F, H, W) order (as its
+    TemporalConvLayer applies it), so the same seed drops the same values."""
+    b, f, h, w, c = y.shape
+    keep = torch.empty((b, c, f, h, w), device=y.device, dtype=y.dtype).bernoulli_(1 - p).div_(1 - p)
+    return y * keep.permute(0, 2, 3, 4, 1)
 
 
 class TransformerTemporal(nn.Module):

@@ -56,10 +56,34 @@ def test_videofusion_noise_prior_statistics():
         initial_noise(shape, gen(1), "cpu", torch.float32, "gaussian")
 
 
+def _first_unet_inputs(pipe, **kwargs) -> list[torch.Tensor]:
+    """The latents (B, C, F, h, w) of every UNet call (the conditional half under CFG), and the call's output."""
+    inputs = []
+
+    def keep(module, args):
+        x = args[0]
+        inputs.append(x[x.shape[0] // 2:] if x.shape[0] > 1 else x)
+
+    hook = pipe.unet.register_forward_pre_hook(keep)
+    try:
+        out = pipe(generator=gen(), output_type="latent", **kwargs).frames
+    finally:
+        hook.remove()
+    return inputs, out
+
+
+def _frame_correlation(x: torch.Tensor) -> float:
+    flat = x[0].permute(1, 0, 2, 3).reshape(x.shape[2], -1).double().numpy()  # (F, C*h*w)
+    return float(np.corrcoef(flat)[np.triu_indices(x.shape[2], 1)].mean())
+
+
 def test_noise_prior_through_the_pipeline(ours):
-    a = ours(**BASE, generator=gen(), noise_prior="videofusion", base_noise_ratio=0.5, output_type="latent").frames
-    b = ours(**BASE, generator=gen(), output_type="latent").frames
-    assert a.shape == b.shape and not torch.allclose(a, b)
+    """Catches a prior that never reaches the sampler: the latents the UNet first sees have inter-frame correlation
+    lambda (base_noise_ratio), the plain prior ~0."""
+    args = dict(prompt="a cat", num_frames=16, height=128, width=128, num_inference_steps=1, sampler="ddim")
+    prior, _ = _first_unet_inputs(ours, noise_prior="videofusion", base_noise_ratio=0.5, **args)
+    plain, _ = _first_unet_inputs(ours, **args)
+    assert abs(_frame_correlation(prior[0]) - 0.5) < 0.05 and abs(_frame_correlation(plain[0])) < 0.05
     with pytest.raises(ValueError, match="base_noise_ratio"):
         ours(**BASE, noise_prior="videofusion", base_noise_ratio=-0.1)
 
@@ -182,9 +206,18 @@ def test_prompt_travel(ours):
     plain = ours("a red car", **{k: v for k, v in BASE.items() if k != "prompt"}, generator=gen(),
                  output_type="latent").frames
     assert_latents_close(plain, single)  # one keyframe == the plain prompt
-    travel = ours({0: "a red car", 2: "a blue boat"}, **{k: v for k, v in BASE.items() if k != "prompt"},
-                  generator=gen(), output_type="latent").frames
-    assert not torch.allclose(travel, plain)
+    contexts = []
+    hook = ours.unet.register_forward_pre_hook(lambda m, args: contexts.append(args[2]))
+    try:
+        ours({0: "a red car", 2: "a blue boat"}, **{k: v for k, v in BASE.items() if k != "prompt"},
+             generator=gen(), output_type="latent")
+    finally:
+        hook.remove()
+    # the text each frame sees: the keyframe prompts' embeddings at the keyframes, their mean half-way (frame 1)
+    per_frame = contexts[0][3:]  # (F, 77, D): the conditional half under CFG
+    red, blue = (ours.encode_prompt([p], None, False) [0] for p in ("a red car", "a blue boat"))
+    assert torch.allclose(per_frame[0], red, atol=1e-6) and torch.allclose(per_frame[2], blue, atol=1e-6)
+    assert torch.allclose(per_frame[1], (red + blue) / 2, atol=1e-6)
     w = keyframe_weights([0, 4, 8], 10)
     assert torch.allclose(w.sum(1), torch.ones(10)) and w[2].tolist() == [0.5, 0.5, 0] and w[9].tolist() == [0, 0, 1]
     for bad in ({5: "x"}, {-1: "x"}, {}, {0: 3}):
@@ -197,11 +230,28 @@ def test_free_init(ours):
     for kind in ("gaussian", "butterworth", "ideal"):
         mask = free_init_filter((8, 16, 16), kind, 0.25, 0.25)
         assert mask.shape == (8, 16, 16) and mask[4, 8, 8] == 1 and mask[0, 0, 0] < 0.5  # low pass, centred
-    steps = []
-    out = ours(**BASE, generator=gen(), free_init_iterations=2, free_init_filter="gaussian",
-               callback=lambda i, t, x: steps.append(i), output_type="latent").frames
-    plain = ours(**BASE, generator=gen(), output_type="latent").frames
-    assert steps == list(range(6)) and not torch.allclose(out, plain)
+    # FreeInit's defining property (the paper; diffusers' _apply_freq_filter): the second pass starts from the
+    # first pass's result diffused back to t=T, keeping its low frequencies (an ideal filter makes it exact)
+    steps, results = [], []
+    # (even sizes: the published mask is then symmetric, so taking the real part after the inverse FFT is exact)
+    inputs, _ = _first_unet_inputs(ours, **{**BASE, "num_frames": 4}, sampler="ddim", free_init_iterations=2,
+                                   free_init_filter="ideal",
+                                   callback=lambda i, t, x: (steps.append(i), results.append(x.clone())))
+    assert steps == list(range(6))
+    from vidfusion.schedules import alphas_cumprod
+
+    a_t = alphas_cumprod(ours.scheduler.options)[-1]
+    start_noise, restart = inputs[0], inputs[3]  # DDIM's first input is the noise itself (init sigma 1)
+    diffused = a_t.sqrt() * results[2] + (1 - a_t).sqrt() * start_noise
+    mask = free_init_filter(tuple(start_noise.shape[2:]), "ideal", 0.25, 0.25)
+    assert 0 < mask.sum() < mask.numel()
+
+    def low(x):
+        dims = (-3, -2, -1)
+        return torch.fft.fftshift(torch.fft.fftn(x.double(), dim=dims), dim=dims) * mask
+
+    assert (low(restart) - low(diffused)).abs().max() < 1e-4 * low(diffused).abs().max()
+    assert (restart - diffused).abs().max() > 0.1  # the high frequencies are fresh noise
     with pytest.raises(ValueError, match="free_init_filter"):
         ours(**BASE, free_init_iterations=2, free_init_filter="box")
 
@@ -222,8 +272,19 @@ def test_callback_on_step_end_replaces_latents_and_stops(ours):
     untouched = ours(**BASE, sampler="ddim", generator=gen(), output_type="latent",
                      callback_on_step_end=lambda p, s, t, st: {"stop": True} if s == 1 else None).frames
     assert not torch.allclose(out, untouched)
+    first_step = []
+    full = ours(**BASE, generator=gen(), output_type="latent",
+                callback_on_step_end=lambda p, s, t, st: first_step.append(st["latents"].clone()) if s == 0 else None)
+    stopped = ours(**BASE, generator=gen(), output_type="latent",
+                   callback_on_step_end=lambda p, s, t, st: p.interrupt()).frames
+    assert torch.equal(stopped, first_step[0]) and not torch.equal(stopped, full.frames)  # what it had after step 0
+    # an interrupt that lands just before a call starts (a cancel racing the start) is not lost: that call stops
+    # after its first step; the call after it runs in full
+    ours.interrupt()
+    assert torch.equal(ours(**BASE, generator=gen(), output_type="latent").frames, first_step[0])
+    assert torch.equal(ours(**BASE, generator=gen(), output_type="latent").frames, full.frames)
     frames = ours(**BASE, generator=gen(), callback_on_step_end=lambda p, s, t, st: p.interrupt()).frames
-    assert frames.shape == (1, 3, 32, 32, 3)  # interrupted after the first step, decoded
+    assert np.abs(frames - ours.decode_latents(first_step[0]).permute(0, 1, 3, 4, 2).numpy() / 2 - 0.5).max() < 1e-5
     with pytest.raises(ValueError, match="shape"):
         ours(**BASE, callback_on_step_end=lambda p, s, t, st: {"latents": torch.zeros(1)})
 

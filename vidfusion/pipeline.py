@@ -298,7 +298,8 @@ class TextToVideoPipeline:
         self._freeu = None
 
     def interrupt(self) -> None:
-        """Stop the generation in progress after its current step; it returns what it has, decoded."""
+        """Stop the generation in progress after its current step; it returns what it has, decoded. Called while no
+        generation runs (a cancel racing a call's start), the next call stops after its first step."""
         self._interrupted = True
 
     @staticmethod
@@ -426,7 +427,6 @@ class TextToVideoPipeline:
         total_steps = num_inference_steps * free_init_iterations
         progress = tqdm(total=total_steps, **self._progress)
         iteration = 0
-        self._interrupted = False
 
         def on_step(step: int, t: torch.Tensor, x_now: torch.Tensor) -> torch.Tensor:
             progress.update()

@@ -235,7 +235,10 @@ def test_cloneofsimo_lists_motiondirector(pipe, ref, tmp_path, ancestor, target)
     pipe.load_lora_weights(tmp_path / f"{target}.pt", target=target)
     assert_same_video(pipe, ref, {p: standard_delta(u, d) for p, (u, d) in factors.items()})
     pipe.unload_lora_weights()
-    pipe.load_lora_weights(tmp_path / f"{target}.pt")  # the target is found from the layer count
+    # without target= the layers are found from the list's length: the same video (catches a wrong guess, which
+    # would put the factors on other layers or refuse the file)
+    pipe.load_lora_weights(tmp_path / f"{target}.pt")
+    assert_same_video(pipe, ref, {p: standard_delta(u, d) for p, (u, d) in factors.items()})
     pipe.unload_lora_weights()
 
 
@@ -394,10 +397,11 @@ def test_peft_config_alpha_and_rank_patterns_scale(pipe, ref, tmp_path):
     folder.mkdir()
     save_file({f"base_model.model.{p[5:]}.lora_{r}.weight": t for p, (up, down) in factors.items()
                for r, t in (("A", down), ("B", up))}, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                            "rank_pattern": {}, "alpha_pattern": {"attn1.to_v": 2},
-                                                            "use_rslora": False}))
-    scales = [2.0, 0.5, 2.0]
-    pipe.load_lora_weights(folder)
-    assert_same_video(pipe, ref, {p: standard_delta(u, d, s) for (p, (u, d)), s in zip(factors.items(), scales)})
-    pipe.unload_lora_weights()
+    # alpha / r, and with rsLoRA alpha / sqrt(r) (catches use_rslora ignored: the scales would stay 2, 0.5, 2)
+    for rslora, scales in ((False, [2.0, 0.5, 2.0]), (True, [4.0, 1.0, 4.0])):
+        (folder / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": {}, "alpha_pattern": {"attn1.to_v": 2},
+            "use_rslora": rslora}))
+        pipe.load_lora_weights(folder)
+        assert_same_video(pipe, ref, {p: standard_delta(u, d, s) for (p, (u, d)), s in zip(factors.items(), scales)})
+        pipe.unload_lora_weights()

@@ -62,8 +62,12 @@ def full_unet_state():
 def test_published_names_both_ways():
     state = full_unet_state()
     original = unet_to_original(state, FULL_UNET)
-    for orig, diffusers in PUBLISHED.items():
+    from vidfusion.naming import unet_name_to_diffusers, unet_name_to_original
+
+    for orig, diffusers in PUBLISHED.items():  # each published name maps to its partner (catches a swapped pair)
         assert diffusers in state and orig in original, (orig, diffusers)
+        assert unet_name_to_original(diffusers, FULL_UNET) == orig
+        assert unet_name_to_diffusers(orig, FULL_UNET) == diffusers
     assert original["input_blocks.0.1.proj_in.weight"].shape == (512, 320, 1)  # Conv1d in the original
     assert original["input_blocks.2.2.proj_out.weight"].shape == (320, 320, 1)
     assert original["input_blocks.1.1.proj_in.weight"].dim() == 2  # spatial ones stay Linear

@@ -284,3 +284,24 @@ def test_few_step_sampler_defaults_in_the_job_record_and_the_video(server, tmp_p
         assert (meta["sampler"], meta["num_inference_steps"], meta["guidance_scale"]) == ("mcm", 4, 1.0)
         r = c.post("/v1/videos", json={**body, "prompt": "x", "sampler": "t2v-turbo"})  # needs the T2V-Turbo UNet
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "sampler"
+
+
+def test_a_job_interrupted_3_times_fails_instead_of_running_forever(tmp_path):
+    """Catches a crash-looping job (one that takes the server down each time) being requeued forever: the store
+    gives it 3 runs, then records it failed with the cause; other jobs are requeued as usual."""
+    from vidfusion.serve.jobs import FAILED, MAX_ATTEMPTS, QUEUED, JobStore
+
+    store = JobStore(tmp_path / "data")
+    crashing, _ = store.submit({"prompt": "takes the server down"})
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        claimed = store.claim()
+        assert claimed.id == crashing.id and store.get(crashing.id).attempts == attempt
+        store.close()  # the server dies mid-job ...
+        store = JobStore(tmp_path / "data")  # ... and starts again
+        requeued = store.recover()
+        assert requeued == ([crashing.id] if attempt < MAX_ATTEMPTS else [])
+    job = store.get(crashing.id)
+    assert MAX_ATTEMPTS == 3 and job.status == FAILED and "interrupted 3 times" in job.error
+    other, _ = store.submit({"prompt": "fine"})
+    store.claim()
+    assert store.recover() == [other.id] and store.get(other.id).status == QUEUED

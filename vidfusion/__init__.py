@@ -1,6 +1,6 @@
 """vidfusion: fast, lean text-to-video diffusion for the ModelScope text-to-video-ms-1.7b family."""
 
-from .loading import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError
 from .original_format import convert
 from .pipeline import DiffusionPipeline, TextToVideoOutput, TextToVideoPipeline, TextToVideoSDPipeline
 from .schedulers import (

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -15,11 +13,11 @@ import torch
 from torch import nn
 
 from .config import ConfigError, UNetConfig, VAEConfig
+from .errors import CheckpointError, CheckpointNotFoundError, first_keys
 from .layers import fuse_upsample_convs, use_channels_last_weights
+from .state_files import read_state_file
 from .unet3d import UNet3D
 from .vae import AutoencoderKL
-
-logger = logging.getLogger("vidfusion")
 
 PIPELINE_CLASSES = ("TextToVideoSDPipeline", "VideoToVideoSDPipeline")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -31,14 +29,6 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 VAE_RENAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 # Buffers older transformers versions saved with the CLIP text model; they are recomputed, not loaded.
 TEXT_ENCODER_DROPPED = ("text_model.embeddings.position_ids", "embeddings.position_ids")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file or keys and how to fix it."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """A checkpoint folder, subfolder or file that does not exist."""
 
 
 # ---- locating files -------------------------------------------------------------------------------------
@@ -175,59 +165,11 @@ def read_model_index(folder: Path) -> dict[str, Any]:
 
 # ---- reading weights ------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
-
-
-def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file tensor by tensor straight into memory we own, cast to `dtype` and with conv
-    weights in the channels-last layout the models use. Peak memory = the weights + one tensor (a memory map
-    would keep the file's pages resident beside every converted copy)."""
-    state: dict[str, torch.Tensor] = {}
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        header_len = int.from_bytes(f.read(8), "little")
-        if not 2 <= header_len <= size - 8:
-            raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        base = 8 + header_len
-        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        scratch = torch.empty(max([e - s for s, e in (i["data_offsets"] for _, i in entries)] + [0]), dtype=torch.uint8)
-        for name, info in entries:
-            start, end = info["data_offsets"]
-            stored, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-            nbytes = math.prod(shape) * stored.itemsize
-            if end - start != nbytes or base + end > size:
-                raise ValueError(f"tensor {name}: {end - start} bytes at offset {start} for shape {shape} "
-                                 f"in a {size}-byte file")
-            target = dtype if dtype is not None and stored.is_floating_point else stored
-            layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape), torch.contiguous_format)
-            tensor = torch.empty(shape, dtype=target, memory_format=layout)  # conv weights: channels-last
-            direct = target == stored and layout == torch.contiguous_format
-            buffer = tensor.reshape(-1).view(torch.uint8) if direct else scratch[:nbytes]
-            f.seek(base + start)
-            if nbytes and f.readinto(memoryview(buffer.numpy())) != nbytes:
-                raise ValueError(f"tensor {name} is cut short")
-            if not direct:  # one reused scratch buffer: no per-tensor temporaries fragmenting the heap
-                tensor.copy_(buffer.view(stored).view(shape))
-            state[name] = tensor
+def _read_state(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    state, _ = read_state_file(path, dtype)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (expected a dict of tensors)")
     return state
-
-
-def _read_one(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"missing weight file: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return _read_safetensors(path, dtype)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot read {path}: the file is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]}); "
-            "download it again"
-        ) from None
 
 
 def read_weights(folder: Path, variant: str | None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -237,26 +179,19 @@ def read_weights(folder: Path, variant: str | None, dtype: torch.dtype | None = 
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     (chosen,) = choose_weight_files(names, variant, str(folder))
     if not chosen.endswith(".json"):
-        return _read_one(folder / chosen, dtype)
+        return _read_state(folder / chosen, dtype)
     index = read_json(folder / chosen)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{folder / chosen}: no 'weight_map' in the index")
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        state.update(_read_one(folder / shard, dtype))
+        state.update(_read_state(folder / shard, dtype))
     absent = sorted(set(weight_map) - set(state))
     if absent:
         raise CheckpointError(f"{folder / chosen}: keys listed in the index are not in the shards: "
                               f"{first_keys(absent)}")
     return state
-
-
-def first_keys(keys, limit: int = 8) -> str:
-    """The first `limit` keys (or names) for an error message, and how many there are in all."""
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def rename_keys(state: dict[str, torch.Tensor], renames: dict[str, str], dropped: tuple[str, ...] = ()

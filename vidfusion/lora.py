@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import LoraError, first_keys
 from .layers import Linear, Upsample, fuse_upsample_convs
-from .loading import first_keys
 from .naming import unet_name_to_diffusers
+from .state_files import read_state_file
 
 LORA_FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth", ".ckpt")
 PREFERRED_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "unet_lora.pt",
@@ -35,10 +36,6 @@ PREFERRED_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensor
 # cloneofsimo `target=`: the ancestor classes whose layers the list covers (diffusers class -> ours)
 LIST_TARGETS = {"unet": None, "spatial": "Transformer2D", "temporal": "TransformerTemporal"}
 TARGET_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv3d)
-
-
-class LoraError(ValueError):
-    """A LoRA file that cannot be applied: names the format detected and the first keys that failed."""
 
 
 @dataclass
@@ -95,19 +92,6 @@ class LoraFile:
     peft_config: dict[str, Any] | None = None
 
 
-def _read_tensors(path: Path) -> tuple[Any, dict[str, str]]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        return torch.load(path, map_location="cpu", weights_only=True), {}
-    except Exception as exc:
-        raise LoraError(f"cannot read LoRA file {path}: {type(exc).__name__}: {str(exc)[:300]} (pickled code is "
-                        "never executed: only tensors, lists and dicts load)") from None
-
-
 def _choose_file(folder: Path, names: list[str], where: str) -> str:
     candidates = sorted(n for n in names if n.endswith(LORA_FILE_SUFFIXES))
     for preferred in PREFERRED_NAMES:
@@ -137,7 +121,7 @@ def read_lora_file(path_or_hub_id: str | Path, weight_name: str | None = None) -
     if path.is_dir():
         names = [p.name for p in path.iterdir() if p.is_file()]
         path = path / _choose_file(path, names, str(path))
-    content, metadata = _read_tensors(path)
+    content, metadata = read_state_file(path, error=LoraError, what="LoRA file ")
     config_path = path.parent / "adapter_config.json"
     config = None
     if config_path.is_file() and path.name.startswith("adapter_model"):

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import ConfigError, UNetConfig, VAEConfig
 from .errors import CheckpointError, CheckpointNotFoundError, first_keys
+from .hub import hub_file, hub_folder, looks_like_repo_id
 from .layers import fuse_upsample_convs, use_channels_last_weights
 from .state_files import read_state_file
 from .unet3d import UNet3D
@@ -70,24 +71,10 @@ def choose_weight_files(names: list[str], variant: str | None, where: str) -> li
 
 def _hub_files(repo_id: str, variant: str | None, revision: str | None) -> Path:
     """Download just what a pipeline needs from the Hub into huggingface_hub's cache; return the folder."""
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-
-    try:
-        files = HfApi().list_repo_files(repo_id, revision=revision)
-    except Exception as exc:  # no network, unknown repo, auth... fall back to what the cache holds
-        try:
-            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        except Exception:
-            raise CheckpointNotFoundError(
-                f"could not get '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: {str(exc)[:200]}). "
-                "Without network access, download the checkpoint elsewhere (huggingface-cli download "
-                f"{repo_id}) and pass its local folder, e.g. from_pretrained('/path/to/text-to-video-ms-1.7b')"
-            ) from None
     def read_index(name: str) -> dict[str, Any]:
-        return read_json(Path(hf_hub_download(repo_id, name, revision=revision)))
+        return read_json(hub_file(repo_id, name, revision))
 
-    wanted = wanted_hub_files(files, variant, repo_id, read_index)
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+    return hub_folder(repo_id, lambda files: wanted_hub_files(files, variant, repo_id, read_index), revision)
 
 
 def wanted_hub_files(files: list[str], variant: str | None, repo_id: str,
@@ -114,8 +101,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, variant: str | None = No
     if path.is_dir():
         return path
     text = str(name_or_path)
-    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
-    if not looks_like_repo:
+    if not looks_like_repo_id(text):
         raise CheckpointNotFoundError(f"checkpoint folder '{text}' does not exist (pass a folder or a hub id)")
     return _hub_files(text, variant, revision)
 

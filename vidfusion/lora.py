@@ -13,7 +13,6 @@ it, and unloading restores it bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -25,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoraError, first_keys
+from .errors import CheckpointNotFoundError, LoraError, first_keys
+from .hub import hub_folder, looks_like_repo_id
 from .layers import Linear, Upsample, fuse_upsample_convs
 from .naming import unet_name_to_diffusers
 from .state_files import read_state_file
@@ -110,7 +110,7 @@ def read_lora_file(path_or_hub_id: str | Path, weight_name: str | None = None) -
     path = Path(path_or_hub_id).expanduser()
     if not path.exists():
         text = str(path_or_hub_id)
-        if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        if not looks_like_repo_id(text):
             raise LoraError(f"LoRA '{text}' does not exist (pass a file, a folder or a hub id)")
         path = _hub_download(text, weight_name)
         weight_name = None
@@ -135,28 +135,25 @@ def read_lora_file(path_or_hub_id: str | Path, weight_name: str | None = None) -
 def _hub_download(repo_id: str, weight_name: str | None) -> Path:
     """Fetch one LoRA file of a hub repo (and the adapter_config.json beside it) into the hub cache. weight_name:
     a file, or a subfolder whose single LoRA file is taken (MCM publishes one PEFT folder per variant)."""
-    from huggingface_hub import HfApi, hf_hub_download
+    chosen: list[str] = []
+
+    def wanted(files: list[str]) -> list[str]:
+        if weight_name in files:
+            chosen.append(weight_name)
+        else:
+            folder = (weight_name or "").strip("/")
+            prefix = folder + "/" if folder else ""
+            inside = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
+            chosen.append(prefix + _choose_file(Path(folder), inside, f"{repo_id}/{folder}"))
+        config = chosen[0].rpartition("/")[0] + ("/" if "/" in chosen[0] else "") + "adapter_config.json"
+        return [chosen[0]] + ([config] if config in files else [])
 
     try:
-        files = HfApi().list_repo_files(repo_id)
-    except Exception as exc:  # offline: what the hub cache already holds
-        if weight_name and "." in weight_name.rsplit("/", 1)[-1]:
-            with contextlib.suppress(Exception):
-                return Path(hf_hub_download(repo_id, weight_name, local_files_only=True))
-        raise LoraError(f"could not get LoRA '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: "
-                        f"{str(exc)[:200]}); without network access download it elsewhere and pass the file") from None
-    if weight_name in files:
-        chosen = weight_name
-    else:
-        folder = (weight_name or "").strip("/")
-        prefix = folder + "/" if folder else ""
-        inside = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
-        chosen = prefix + _choose_file(Path(folder), inside, f"{repo_id}/{folder}")
-    local = Path(hf_hub_download(repo_id, chosen))
-    config = chosen.rpartition("/")[0] + ("/" if "/" in chosen else "") + "adapter_config.json"
-    if config in files:
-        hf_hub_download(repo_id, config)
-    return local
+        folder = hub_folder(repo_id, wanted, what="LoRA")
+    except CheckpointNotFoundError as exc:
+        raise LoraError(str(exc)) from None
+    # online: the chosen file; offline: the cached snapshot, where weight_name is looked up as locally
+    return folder / chosen[0] if chosen else folder / (weight_name or "")
 
 
 # ---- formats -> adapters ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """vidfusion: fast, lean text-to-video diffusion for the ModelScope text-to-video-ms-1.7b family."""
 
+from .auto import DiffusionPipeline
+from .convert import convert
 from .errors import CheckpointError, CheckpointNotFoundError
-from .original_format import convert
-from .pipeline import DiffusionPipeline, TextToVideoOutput, TextToVideoPipeline, TextToVideoSDPipeline
+from .pipeline import TextToVideoOutput, TextToVideoPipeline, TextToVideoSDPipeline
 from .schedulers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,

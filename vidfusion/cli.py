@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "batch":
             return _batch(args)
         elif args.command == "convert":
-            from .original_format import convert
+            from .convert import convert
 
             print(convert(args.src, args.dst, to=args.to, dtype=args.dtype, vae=args.vae, clip=args.clip,
                           overwrite=args.overwrite))

@@ -286,87 +286,14 @@ def load_tokenizer(folder: Path):
         raise CheckpointError(f"cannot read the tokenizer in {folder} ({type(exc).__name__}: {exc})") from None
 
 
+def load_diffusers(folder: Path, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
+    """The parts of a diffusers-layout pipeline folder (the scheduler as its config dict)."""
+    read_model_index(folder)
+    return {"unet": load_unet(folder / "unet", dtype, variant), "vae": load_vae(folder / "vae", dtype, variant),
+            "text_encoder": load_text_encoder(folder / "text_encoder", dtype, variant),
+            "tokenizer": load_tokenizer(folder / "tokenizer"),
+            "scheduler_config": load_scheduler_config(folder / "scheduler")}
+
+
 def load_scheduler_config(folder: Path) -> dict[str, Any]:
     return read_json(folder / "scheduler_config.json")
-
-
-# ---- original ModelScope folders (configuration.json + .pth files; the formats live in original_format.py) -------
-
-def is_original_folder(folder: Path) -> bool:
-    return (folder / "configuration.json").is_file() and not (folder / "model_index.json").is_file()
-
-
-def load_original(folder: Path, dtype: torch.dtype, vae: str | os.PathLike | None = None,
-                  text_encoder: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The components of an original-format folder; a part the folder lacks (Zeroscope's zs2_* folders ship UNet
-    and CLIP only) comes from `vae=` / `text_encoder=`: a file, an original folder, or a diffusers folder / hub id."""
-    from . import original_format as of
-
-    config = of.read_configuration(folder)
-    where = str(config["path"])
-    unet_cfg = of.unet_config_from(config["cfg"], where)
-    unet_file = _original_file(folder, config, "ckpt_unet", "UNet", None)
-    try:
-        state = of.unet_to_diffusers(of.read_original_state(unet_file), unet_cfg, str(unet_file))
-    except of.ConversionError as exc:
-        raise CheckpointError(str(exc)) from None
-    unet = build_unet(unet_cfg, state, dtype, str(unet_file))
-    text, tokenizer = _original_text(folder, config, dtype, text_encoder)
-    return {"unet": unet, "vae": _original_vae(folder, config, dtype, vae), "text_encoder": text,
-            "tokenizer": tokenizer, "scheduler_config": of.scheduler_config_from(config["cfg"])}
-
-
-def _original_file(folder: Path, config: dict[str, Any], key: str, what: str, flag: str | None) -> Path:
-    from . import original_format as of
-
-    path = of.component_file(folder, config, key)
-    if path is None:
-        named = config["args"].get(key)
-        how = f"; pass it with {flag}" if flag else ""
-        raise CheckpointNotFoundError(f"{folder}: no {what} file (configuration.json model.model_args.{key} = "
-                                      f"{named!r}){how}")
-    return path
-
-
-def _other_source(source: str | os.PathLike) -> tuple[str, Path]:
-    """('file' | 'original' | 'diffusers', path) of a vae= / text_encoder= argument."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return "file", path
-    if path.is_dir() and is_original_folder(path):
-        return "original", path
-    return "diffusers", resolve_checkpoint(source)
-
-
-def _original_vae(folder: Path, config: dict[str, Any], dtype: torch.dtype, source) -> nn.Module:
-    from . import original_format as of
-
-    kind, path = ("original", folder) if source is None else _other_source(source)
-    if kind == "diffusers":
-        return load_vae(path / "vae", dtype)
-    if kind == "original":
-        how = "vae= (CLI: --vae) with a VAE file, an original folder or a diffusers folder / hub id"
-        path = _original_file(path, of.read_configuration(path), "ckpt_autoencoder", "VAE", how)
-    try:
-        state = of.vae_to_diffusers(of.read_original_state(path, "first_stage_model."), str(path))
-        cfg = of.vae_config_from(state)
-    except (of.ConversionError, KeyError) as exc:
-        raise CheckpointError(f"{path}: not an LDM AutoencoderKL checkpoint ({exc})") from None
-    return build_vae(cfg, state, dtype, str(path))
-
-
-def _original_text(folder: Path, config: dict[str, Any], dtype: torch.dtype, source):
-    from . import original_format as of
-
-    kind, path = ("original", folder) if source is None else _other_source(source)
-    if kind == "diffusers":
-        return load_text_encoder(path / "text_encoder", dtype), load_tokenizer(path / "tokenizer")
-    if kind == "original":
-        how = ("text_encoder= (CLI: --clip) with an OpenCLIP file, an original folder or a diffusers folder / "
-               "hub id")
-        path = _original_file(path, of.read_configuration(path), "ckpt_clip", "CLIP text encoder", how)
-    try:
-        state, cfg = of.clip_to_transformers(of.read_original_state(path), str(path))
-    except (of.ConversionError, KeyError) as exc:
-        raise CheckpointError(f"{path}: not an OpenCLIP checkpoint ({exc})") from None
-    return build_text_encoder(cfg, state, dtype, str(path)), of.clip_tokenizer()

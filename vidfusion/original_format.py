@@ -15,10 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import UNetConfig, VAEConfig
-from .errors import ConversionError, first_keys
+from .errors import CheckpointError, CheckpointNotFoundError, ConversionError, first_keys
 from .fileio import atomic_folder
+from .loading import (
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    resolve_checkpoint,
+)
 from .naming import (
     clip_name_to_transformers,
     unet_name_to_diffusers,
@@ -26,6 +36,7 @@ from .naming import (
     vae_name_to_diffusers,
     vae_name_to_original,
 )
+from .published import PUBLISHED_SCHEDULER, write_bpe_files
 from .state_files import read_state_file
 
 # the temporal transformers' proj_in / proj_out are Conv1d (C, C, 1) in the original UNet, Linear in diffusers'
@@ -217,23 +228,16 @@ def clip_tokenizer(cache_dir: str | Path | None = None):
     """The CLIP BPE tokenizer OpenCLIP uses (49408 tokens, padded with id 0 as OpenCLIP pads), built from the
     vocabulary shipped with vidfusion: no network, no open_clip_torch."""
     import gzip
-    import json
 
     from transformers import CLIPTokenizer
 
     folder = Path(cache_dir or Path(torch.hub.get_dir()).parent / "vidfusion" / "clip-bpe-tokenizer")
     if not (folder / "vocab.json").is_file():
-        lines = gzip.open(BPE_VOCAB).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-        from .random_checkpoint import bytes_to_unicode
-
-        symbols = list(bytes_to_unicode().values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in lines]
-        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        merges = gzip.open(BPE_VOCAB).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
         _mkdir(folder.parent)
         try:
             with atomic_folder(folder) as tmp:
-                (tmp / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-                (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+                write_bpe_files(tmp, merges)
         except OSError:  # another process made it first
             pass
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=77)
@@ -292,8 +296,6 @@ def unet_config_from(cfg: dict[str, Any], where: str) -> UNetConfig:
 
 def scheduler_config_from(cfg: dict[str, Any]) -> dict[str, Any]:
     """The original schedule as diffusers' published scheduler config: DDIM, scaled_linear 0.00085 -> 0.012."""
-    from .random_checkpoint import PUBLISHED_SCHEDULER
-
     return {**PUBLISHED_SCHEDULER, "num_train_timesteps": int(cfg.get("num_timesteps", 1000))}
 
 
@@ -307,120 +309,79 @@ def component_file(folder: Path, config: dict[str, Any], key: str) -> Path | Non
 
 
 def read_original_state(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return state_dict_of(load_file(path), str(path), prefix)
     return state_dict_of(read_checkpoint(path), str(path), prefix)
 
 
-# ---- converting folders both ways -----------------------------------------------------------------------------
+# ---- loading an original folder (diffusers-layout parts a folder lacks come through loading.py) --------------
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None, dtype: str | None = None,
-            vae: str | os.PathLike | None = None, clip: str | os.PathLike | None = None,
-            overwrite: bool = False) -> Path:
-    """Convert a checkpoint between the diffusers layout and the original ModelScope layout (`to`: "diffusers" or
-    "original"; default the other one than SRC's). DST appears complete or not at all. From an original folder,
-    `vae` / `clip` supply parts it lacks; to the original layout, `clip` (an OpenCLIP file or original folder)
-    supplies the text-tower weights the model does not use (last block, projection, visual tower)."""
-    from .loading import is_original_folder, resolve_checkpoint
-    from .pipeline import TextToVideoPipeline
-
-    source = resolve_checkpoint(src)
-    original_source = is_original_folder(source)
-    to = to or ("diffusers" if original_source else "original")
-    if to not in ("diffusers", "original"):
-        raise ValueError(f"to must be 'diffusers' or 'original', got {to!r}")
-    target_dtype = None
-    if dtype is not None:
-        if dtype not in ("float32", "float16"):
-            raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-        target_dtype = getattr(torch, dtype)
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise FileExistsError(f"'{dst}' exists and is not empty; pass --overwrite (overwrite=True) to replace it")
-    if not dst.parent.exists():
-        raise FileNotFoundError(f"output folder '{dst.parent}' does not exist")
-    parts = {"vae": vae, "text_encoder": clip} if original_source and to == "diffusers" else {}
-    pipe = TextToVideoPipeline.from_pretrained(source, **parts)
-    with atomic_folder(dst, replace=True) as tmp:
-        if to == "diffusers":
-            _write_diffusers(pipe, tmp, target_dtype)
-        else:
-            extra = _clip_extra(clip) if clip is not None else None
-            _write_original(pipe, tmp, target_dtype, extra)
-    return dst
+def is_original_folder(folder: Path) -> bool:
+    """An original release folder: configuration.json and no model_index.json."""
+    return (folder / "configuration.json").is_file() and not (folder / "model_index.json").is_file()
 
 
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-            for k, v in state.items()}
+def load_original(folder: Path, dtype: torch.dtype, vae: str | os.PathLike | None = None,
+                  text_encoder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The components of an original-format folder; a part the folder lacks (Zeroscope's zs2_* folders ship UNet
+    and CLIP only) comes from `vae=` / `text_encoder=`: a file, an original folder, or a diffusers folder / hub id."""
+    config = read_configuration(folder)
+    where = str(config["path"])
+    unet_cfg = unet_config_from(config["cfg"], where)
+    unet_file = _original_file(folder, config, "ckpt_unet", "UNet", None)
+    try:
+        state = unet_to_diffusers(read_original_state(unet_file), unet_cfg, str(unet_file))
+    except ConversionError as exc:
+        raise CheckpointError(str(exc)) from None
+    unet = build_unet(unet_cfg, state, dtype, str(unet_file))
+    text, tokenizer = _original_text(folder, config, dtype, text_encoder)
+    return {"unet": unet, "vae": _original_vae(folder, config, dtype, vae), "text_encoder": text,
+            "tokenizer": tokenizer, "scheduler_config": scheduler_config_from(config["cfg"])}
 
 
-def _write_diffusers(pipe, folder: Path, dtype: torch.dtype | None) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
-    from .random_checkpoint import MODEL_INDEX, config_json
-
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-    for name, model, cls in (("unet", pipe.unet, "UNet3DConditionModel"), ("vae", pipe.vae, "AutoencoderKL")):
-        (folder / name).mkdir()
-        (folder / name / "config.json").write_text(json.dumps(config_json(model.config, cls), indent=2))
-        save_file(_cast(model.state_dict(), dtype), folder / name / "diffusion_pytorch_model.safetensors")
-    text = pipe.text_encoder.to(dtype) if dtype is not None else pipe.text_encoder
-    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(pipe.scheduler.config), indent=2))
+def _original_file(folder: Path, config: dict[str, Any], key: str, what: str, flag: str | None) -> Path:
+    path = component_file(folder, config, key)
+    if path is None:
+        named = config["args"].get(key)
+        how = f"; pass it with {flag}" if flag else ""
+        raise CheckpointNotFoundError(f"{folder}: no {what} file (configuration.json model.model_args.{key} = "
+                                      f"{named!r}){how}")
+    return path
 
 
-def _clip_extra(clip: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from .loading import is_original_folder
-
-    path = Path(clip)
+def _other_source(source: str | os.PathLike) -> tuple[str, Path]:
+    """('file' | 'original' | 'diffusers', path) of a vae= / text_encoder= argument."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return "file", path
     if path.is_dir() and is_original_folder(path):
-        config = read_configuration(path)
-        path = component_file(path, config, "ckpt_clip") or path / str(config["args"].get("ckpt_clip"))
-    return read_original_state(path)
+        return "original", path
+    return "diffusers", resolve_checkpoint(source)
 
 
-def _write_original(pipe, folder: Path, dtype: torch.dtype | None, clip_extra: dict[str, torch.Tensor] | None
-                    ) -> None:
-    import json
-    import warnings
+def _original_vae(folder: Path, config: dict[str, Any], dtype: torch.dtype, source) -> nn.Module:
+    kind, path = ("original", folder) if source is None else _other_source(source)
+    if kind == "diffusers":
+        return load_vae(path / "vae", dtype)
+    if kind == "original":
+        how = "vae= (CLI: --vae) with a VAE file, an original folder or a diffusers folder / hub id"
+        path = _original_file(path, read_configuration(path), "ckpt_autoencoder", "VAE", how)
+    try:
+        state = vae_to_diffusers(read_original_state(path, "first_stage_model."), str(path))
+        cfg = vae_config_from(state)
+    except (ConversionError, KeyError) as exc:
+        raise CheckpointError(f"{path}: not an LDM AutoencoderKL checkpoint ({exc})") from None
+    return build_vae(cfg, state, dtype, str(path))
 
-    cfg = pipe.unet.config
-    if cfg.norm_num_groups != 32 or pipe.vae.config.norm_num_groups != 32:
-        raise ConversionError("the original format fixes GroupNorm at 32 groups; this checkpoint uses "
-                              f"{cfg.norm_num_groups} (UNet) / {pipe.vae.config.norm_num_groups} (VAE)")
-    if len(set(cfg.head_dims)) != 1:
-        raise ConversionError(f"the original format has one unet_head_dim; this UNet has {cfg.head_dims}")
-    channels = cfg.block_out_channels
-    options = pipe.scheduler.options
-    model_cfg = {"unet_in_dim": cfg.in_channels, "unet_dim": channels[0], "unet_y_dim": 768,
-                 "unet_context_dim": cfg.cross_attention_dim, "unet_out_dim": cfg.out_channels,
-                 "unet_dim_mult": [c // channels[0] for c in channels], "unet_num_heads": 8,
-                 "unet_head_dim": cfg.head_dims[0], "unet_res_blocks": cfg.layers_per_block,
-                 "unet_attn_scales": [0.5**i for i, kind in enumerate(cfg.down_block_types) if "CrossAttn" in kind],
-                 "unet_dropout": 0.1, "temporal_attention": "True", "num_timesteps": options["num_train_timesteps"],
-                 "mean_type": "v" if options["prediction_type"] == "v_prediction" else "eps",
-                 "var_type": "fixed_small", "loss_type": "mse"}
-    files = {"ckpt_clip": "open_clip_pytorch_model.bin", "ckpt_unet": "text2video_pytorch_model.pth",
-             "ckpt_autoencoder": "VQGAN_autoencoder.pth"}
-    (folder / "configuration.json").write_text(json.dumps(
-        {"framework": "pytorch", "task": "text-to-video-synthesis",
-         "model": {"type": "latent-text-to-video-synthesis", "model_args": {**files, "max_frames": 16},
-                   "model_cfg": model_cfg},
-         "pipeline": {"type": "latent-text-to-video-synthesis"}}, indent=2))
-    torch.save(_cast(unet_to_original(pipe.unet.state_dict(), cfg), dtype), folder / files["ckpt_unet"])
-    vae = _cast(vae_to_original(pipe.vae.state_dict(), pipe.vae.config), dtype)
-    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in vae.items()}},
-               folder / files["ckpt_autoencoder"])
-    if clip_extra is None:
-        warnings.warn("the text tower's last block, projection and visual weights are not in a diffusers checkpoint "
-                      "and were left out of open_clip_pytorch_model.bin (pass clip= / --clip with the original file "
-                      "to copy them)", stacklevel=3)
-    text = clip_to_openclip(pipe.text_encoder.state_dict(), clip_extra)
-    torch.save(_cast(text, dtype), folder / files["ckpt_clip"])
+
+def _original_text(folder: Path, config: dict[str, Any], dtype: torch.dtype, source):
+    kind, path = ("original", folder) if source is None else _other_source(source)
+    if kind == "diffusers":
+        return load_text_encoder(path / "text_encoder", dtype), load_tokenizer(path / "tokenizer")
+    if kind == "original":
+        how = ("text_encoder= (CLI: --clip) with an OpenCLIP file, an original folder or a diffusers folder / "
+               "hub id")
+        path = _original_file(path, read_configuration(path), "ckpt_clip", "CLIP text encoder", how)
+    try:
+        state, cfg = clip_to_transformers(read_original_state(path), str(path))
+    except (ConversionError, KeyError) as exc:
+        raise CheckpointError(f"{path}: not an OpenCLIP checkpoint ({exc})") from None
+    return build_text_encoder(cfg, state, dtype, str(path)), clip_tokenizer()

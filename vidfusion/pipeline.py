@@ -12,15 +12,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import loading
+from .checkpoints import load_checkpoint
 from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
+from .loading import TRAINING_FRAMES
 from .long_video import check_keyframes, check_window, default_window, keyframe_weights, reschedule_noise, windowed
 from .lora import LoraAdapters, read_lora_file
 from .noise import free_init_filter as free_init_filter_mask
 from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler
 from .offload import SequentialOffload, offload_device
 from .sampling import SAMPLERS
-from .schedulers import Scheduler, scheduler_from_checkpoint
+from .schedulers import Scheduler
 from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, NoiseSchedule, resolve_sampler, sampler_options, step_defaults
 from .text_encoder import encode_text
 from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
@@ -49,7 +50,7 @@ class TextToVideoPipeline:
     # window_size is given; False (the diffusers-named classes) runs every frame at once, exactly as diffusers does
     windows_by_default: bool = True
     # frames the checkpoint was trained on (from_pretrained sets it: 24 for Zeroscope v2, else 16)
-    training_frames: int = loading.TRAINING_FRAMES["modelscope"]
+    training_frames: int = TRAINING_FRAMES["modelscope"]
     # guidance_scale of the multi-step samplers when a call does not give it (few-step samplers have their own)
     default_guidance_scale: float = 9.0
 
@@ -85,24 +86,9 @@ class TextToVideoPipeline:
         dtype = dtype or torch_dtype or torch.float32
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}")
-        folder = loading.resolve_checkpoint(name_or_path, variant, revision)
-        if loading.is_original_folder(folder):
-            parts = loading.load_original(folder, dtype, vae, text_encoder)
-        else:
-            if vae is not None or text_encoder is not None:
-                raise ValueError("vae= / text_encoder= complete original ModelScope folders; this is a diffusers one")
-            loading.read_model_index(folder)
-            parts = {"unet": loading.load_unet(folder / "unet", dtype, variant),
-                     "vae": loading.load_vae(folder / "vae", dtype, variant),
-                     "text_encoder": loading.load_text_encoder(folder / "text_encoder", dtype, variant),
-                     "tokenizer": loading.load_tokenizer(folder / "tokenizer"),
-                     "scheduler_config": loading.load_scheduler_config(folder / "scheduler")}
-        try:
-            scheduler = scheduler_from_checkpoint(parts.pop("scheduler_config"), f"{folder}: scheduler config")
-        except ValueError as exc:
-            raise loading.CheckpointError(str(exc)) from None
-        pipe = cls(**parts, scheduler=scheduler)
-        pipe.training_frames = loading.training_frames(name_or_path, folder)
+        checkpoint = load_checkpoint(name_or_path, dtype, variant, revision, vae, text_encoder)
+        pipe = cls(**checkpoint.components())
+        pipe.training_frames = checkpoint.training_frames
         pipe = pipe.to(device) if device is not None else pipe
         return pipe.compile() if compile else pipe
 
@@ -603,17 +589,3 @@ class TextToVideoSDPipeline(TextToVideoPipeline):
     but long clips run all frames at once (no windows unless window_size is passed), as diffusers does."""
 
     windows_by_default = False
-
-
-class DiffusionPipeline:
-    """`DiffusionPipeline.from_pretrained(...)` returns the pipeline the checkpoint's model_index.json names."""
-
-    @staticmethod
-    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> TextToVideoPipeline:
-        from .video2video import VideoToVideoSDPipeline
-
-        folder = loading.resolve_checkpoint(name_or_path, kwargs.get("variant"), kwargs.get("revision"))
-        original = loading.is_original_folder(folder)
-        video = not original and loading.read_model_index(folder).get("_class_name") == "VideoToVideoSDPipeline"
-        # the resolved folder, so a hub id is listed and fetched once
-        return (VideoToVideoSDPipeline if video else TextToVideoSDPipeline).from_pretrained(folder, **kwargs)

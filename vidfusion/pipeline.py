@@ -16,7 +16,8 @@ from .checkpoints import load_checkpoint
 from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
 from .loading import TRAINING_FRAMES
 from .long_video import check_keyframes, check_window, default_window, keyframe_weights, reschedule_noise, windowed
-from .lora import LoraAdapters, read_lora_file
+from .adapters import LoraAdapters
+from .lora_formats import read_lora_file
 from .noise import free_init_filter as free_init_filter_mask
 from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler
 from .offload import SequentialOffload, offload_device
@@ -164,7 +165,7 @@ class TextToVideoPipeline:
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self._progress = dict(kwargs)
 
-    # ---- adapters (LoRA; lora.py) --------------------------------------------------------------------------
+    # ---- adapters (LoRA; adapters.py) ----------------------------------------------------------------------
 
     def _adapter_models(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "text_encoder": self.text_encoder}

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import LoraAdapters
 from .checkpoints import load_checkpoint
 from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
 from .loading import TRAINING_FRAMES
 from .long_video import check_keyframes, check_window, default_window, keyframe_weights, reschedule_noise, windowed
-from .adapters import LoraAdapters
 from .lora_formats import read_lora_file
 from .noise import free_init_filter as free_init_filter_mask
 from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler

@@ -118,7 +118,7 @@ def render_row(pipe, row: dict[str, Any], metadata: dict[str, Any]) -> tuple[byt
     """Generate one row's video: (the encoded file's bytes, for the driver to write; its full settings)."""
     import torch
 
-    from .pipeline import generation_settings
+    from .metadata import video_settings
     from .video_io import export_to_video
 
     fmt = row.get("format", "mp4")
@@ -130,7 +130,7 @@ def render_row(pipe, row: dict[str, Any], metadata: dict[str, Any]) -> tuple[byt
     generator = torch.Generator().manual_seed(int(row["seed"]))
     output = pipe(row["prompt"], generator=generator, output_type="np", **generation_kwargs(row))
     frames = output.frames[0]
-    settings = generation_settings(output.settings, {**row, "fps": fps}, **metadata, id=row["id"])
+    settings = video_settings(output.settings, {**row, "fps": fps}, **metadata, id=row["id"])
     with tempfile.TemporaryDirectory() as tmp:
         path = export_to_video(frames, Path(tmp) / f"video.{fmt}", fps=fps, metadata=settings)
         return Path(path).read_bytes(), {**settings, "format": fmt}

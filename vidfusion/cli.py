@@ -321,27 +321,15 @@ def _load(cls, args: argparse.Namespace):
     return pipe.compile() if args.compile else pipe
 
 
-# generation settings stored in every video the CLI writes: metadata key -> argument
-METADATA_ARGS = {
-    "prompt": "prompt", "negative_prompt": "negative_prompt", "keyframes": "keyframe", "seed": "seed",
-    "sampler": "sampler", "num_inference_steps": "steps", "guidance_scale": "guidance", "eta": "eta",
-    "height": "height", "width": "width", "num_frames": "frames", "fps": "fps", "model": "model",
-    "variant": "variant", "revision": "revision", "loras": "lora", "lora_weight_name": "lora_weight_name",
-    "lora_target": "lora_target", "turbo": "turbo", "init_video": "init_video", "strength": "strength",
-    "window_size": "window_size", "window_stride": "window_stride", "loop": "loop", "noise_prior": "noise_prior",
-    "base_noise_ratio": "base_noise_ratio", "freeu": "freeu", "free_init_iterations": "free_init_iterations",
-    "free_init_filter": "free_init_filter",
-}
-
-
 def _settings_from_video(args: argparse.Namespace, parser_defaults: dict) -> None:
     """`generate --from VIDEO`: every setting stored in the video that was not given on the command line."""
+    from .metadata import CLI_ARGUMENTS
     from .video_io import read_metadata
 
     stored = read_metadata(args.from_file)
     if not stored.get("vidfusion"):
         raise ValueError(f"'{args.from_file}' holds no vidfusion settings (only videos vidfusion wrote do)")
-    for key, attr in METADATA_ARGS.items():
+    for key, attr in CLI_ARGUMENTS.items():
         if key in stored and getattr(args, attr) == parser_defaults.get(attr):
             value = stored[key]
             if key == "loras":
@@ -349,24 +337,15 @@ def _settings_from_video(args: argparse.Namespace, parser_defaults: dict) -> Non
             setattr(args, attr, value)
 
 
-# what the pipeline reports it ran (TextToVideoOutput.settings, defaults resolved); the rest comes from the arguments
-RUN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "strength")
-
-
 def _metadata(args: argparse.Namespace, ran: dict, seed: int, fps: int) -> dict:
-    from . import __version__
+    from .metadata import CLI_ARGUMENTS, RAN_KEYS, REQUEST_KEYS, video_settings
 
-    values = {**vars(args), "seed": seed, "fps": fps, "lora": _lora_metadata(args).get("loras")}
+    values = {**vars(args), "lora": _lora_metadata(args).get("loras")}
     if args.command == "upscale":
         values["init_video"] = args.video
-    meta = {key: values.get(attr) for key, attr in METADATA_ARGS.items() if key not in RUN_KEYS}
-    meta.update({key: ran[key] for key in RUN_KEYS if key in ran})
-    if meta.get("noise_prior") == "iid":  # the plain prior: neither it nor its ratio applies
-        meta.pop("noise_prior"), meta.pop("base_noise_ratio", None)
-    if meta.get("free_init_iterations") == 1:  # no FreeInit
-        meta.pop("free_init_iterations"), meta.pop("free_init_filter", None)
-    meta = {k: v for k, v in meta.items() if v not in (None, [], False)}
-    return {"vidfusion": __version__, **meta}
+    extra = {key: values.get(attr) for key, attr in CLI_ARGUMENTS.items() if key not in RAN_KEYS + REQUEST_KEYS}
+    request = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "fps": fps}
+    return video_settings(ran, request, **extra)
 
 
 def _batch(args: argparse.Namespace) -> int:

@@ -72,3 +72,43 @@ class SequentialOffload:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+class OffloadState:
+    """Where a pipeline's models wait between uses: all on their device (`mode` None), model offload (each whole
+    model moved to `device` while it runs, one at a time) or sequential offload (hooks move each unit)."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None  # None | "model" | "sequential"
+        self.device: torch.device | None = None
+        self._sequential: SequentialOffload | None = None
+
+    def disable(self) -> None:
+        if self._sequential is not None:
+            self._sequential.remove()
+            self._sequential = None
+        self.mode, self.device = None, None
+
+    def enable_model(self, models: list[nn.Module], target: torch.device) -> None:
+        self.disable()
+        for model in models:
+            model.to("cpu")
+        self.mode, self.device = "model", target
+
+    def enable_sequential(self, models: list[nn.Module], target: torch.device) -> None:
+        self.disable()
+        self._sequential = SequentialOffload(models, target)
+        self.mode, self.device = "sequential", target
+
+    def activate(self, model: nn.Module, models: list[nn.Module]) -> None:
+        """Model offload: `model` onto the device, the others back to the CPU."""
+        if self.mode == "model":
+            for other in models:
+                if other is not model:
+                    other.to("cpu")
+            model.to(self.device)
+
+    def release(self, models: list[nn.Module]) -> None:
+        if self.mode == "model":
+            for model in models:
+                model.to("cpu")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,16 +13,24 @@ from tqdm.auto import tqdm
 
 from .adapters import LoraAdapters
 from .checkpoints import load_checkpoint
+from .generation import (
+    Plan,
+    StepReporter,
+    Stopped,
+    make_plan,
+    postprocess,
+    repeat_each,
+    sample_with_free_init,
+)
 from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
 from .loading import TRAINING_FRAMES
-from .long_video import check_keyframes, check_window, default_window, keyframe_weights, reschedule_noise, windowed
+from .long_video import keyframe_weights, reschedule_noise, windowed
 from .lora_formats import read_lora_file
-from .noise import free_init_filter as free_init_filter_mask
-from .noise import initial_noise, mix_frequencies, randn, video_noise_sampler
-from .offload import SequentialOffload, offload_device
-from .sampling import SAMPLERS
+from .noise import initial_noise, video_noise_sampler
+from .offload import OffloadState, offload_device
+from .sampling import cfg_model
 from .schedulers import Scheduler
-from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, NoiseSchedule, resolve_sampler, sampler_options, step_defaults
+from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, resolve_sampler, sampler_options, step_defaults
 from .text_encoder import encode_text
 from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
 from .vae import approximate_rgb
@@ -62,9 +69,7 @@ class TextToVideoPipeline:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self._progress: dict[str, Any] = {}
-        self._offload: str | None = None
-        self._offload_device: torch.device | None = None
-        self._sequential: SequentialOffload | None = None
+        self._offload = OffloadState()
         self._freeu: tuple[float, float, float, float] | None = None
         self._interrupted = False
         self._lora = LoraAdapters()
@@ -100,7 +105,7 @@ class TextToVideoPipeline:
         """Move and/or cast every model (this turns CPU offload off); returns the pipeline."""
         if isinstance(device, torch.dtype):  # pipe.to(torch.float16)
             device, dtype = None, device
-        self._disable_offload()
+        self._offload.disable()
         for model in self._models():
             model.to(device=device, dtype=dtype)
         return self
@@ -108,47 +113,25 @@ class TextToVideoPipeline:
     @property
     def device(self) -> torch.device:
         """The device computations run on."""
-        if self._offload_device is not None:
-            return self._offload_device
+        if self._offload.device is not None:
+            return self._offload.device
         return self.unet.conv_in.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
-    def _disable_offload(self) -> None:
-        if self._sequential is not None:
-            self._sequential.remove()
-            self._sequential = None
-        self._offload, self._offload_device = None, None
-
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
         """Keep models on the CPU and move each whole model to the accelerator while it runs."""
-        target = offload_device(gpu_id, device)
-        self._disable_offload()
-        for model in self._models():
-            model.to("cpu")
-        self._offload, self._offload_device = "model", target
+        self._offload.enable_model(self._models(), offload_device(gpu_id, device))
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None,
                                       device: str | torch.device | None = None) -> None:
         """Keep weights on the CPU and move each submodule to the accelerator only for its forward."""
-        target = offload_device(gpu_id, device)
-        self._disable_offload()
-        self._sequential = SequentialOffload(self._models(), target)
-        self._offload, self._offload_device = "sequential", target
+        self._offload.enable_sequential(self._models(), offload_device(gpu_id, device))
 
     def _activate(self, model: torch.nn.Module) -> None:
-        if self._offload == "model":
-            for other in self._models():
-                if other is not model:
-                    other.to("cpu")
-            model.to(self._offload_device)
-
-    def _release(self) -> None:
-        if self._offload == "model":
-            for model in self._models():
-                model.to("cpu")
+        self._offload.activate(model, self._models())
 
     def enable_vae_slicing(self) -> None:
         self.vae.enable_slicing()
@@ -221,7 +204,9 @@ class TextToVideoPipeline:
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         return torch.cat([negative_prompt_embeds, prompt_embeds])
 
-    def _sampler(self, sampler: str | None) -> tuple[str, dict[str, Any]]:
+    def sampler_or_turbo(self, sampler: str | None) -> tuple[str, dict[str, Any]]:
+        """(solver, its options) for a sampler name. None: the checkpoint's scheduler, or t2v-turbo once the
+        T2V-Turbo LoRA has given the UNet a guidance embedding (a guidance-distilled UNet samples in few steps)."""
         embedded = self.unet.guidance_embedding_dim is not None
         if sampler is None and embedded and self.scheduler.sampler not in FEW_STEP_DEFAULTS:
             sampler = "t2v-turbo"  # a guidance-distilled UNet (T2V-Turbo LoRA loaded) samples in few steps
@@ -238,7 +223,7 @@ class TextToVideoPipeline:
 
     def generation_defaults(self, sampler: str | None = None) -> tuple[str, int, float]:
         """(sampler, num_inference_steps, guidance_scale) a call uses when they are not given."""
-        base = self._sampler(sampler)[0]
+        base = self.sampler_or_turbo(sampler)[0]
         return (sampler or base, *step_defaults(base, self.default_guidance_scale))
 
     def sampler_defaults(self) -> dict[str, tuple[int, float]]:
@@ -266,7 +251,7 @@ class TextToVideoPipeline:
         compile each repeated block class once and reuse it (compile time stays low; the first call of each new
         shape compiles); otherwise the whole UNet forward as one full graph. mode="reduce-overhead" adds CUDA
         graphs on GPU. Returns the pipeline."""
-        if self._sequential is not None:
+        if self._offload.mode == "sequential":
             raise ValueError("compile() does not combine with enable_sequential_cpu_offload(); use model offload")
         if regional:
             for model in (self.unet, self.vae.decoder):
@@ -332,144 +317,80 @@ class TextToVideoPipeline:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
         num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
         guidance, for lcm / mcm; 7.5 for t2v-turbo)."""
-        base, options = self._sampler(sampler)
-        default_steps, default_guidance = step_defaults(base, self.default_guidance_scale)
-        num_inference_steps = default_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = default_guidance if guidance_scale is None else guidance_scale
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        keyframes = check_keyframes(prompt, num_frames) if isinstance(prompt, dict) else None
-        prompts, negatives = _check_inputs(keyframes[1] if keyframes else prompt, negative_prompt, prompt_embeds,
-                                           negative_prompt_embeds, num_frames, height, width, num_inference_steps,
-                                           guidance_scale, eta, output_type, callback_steps)
-        _check_positive_ints(num_videos_per_prompt=num_videos_per_prompt, free_init_iterations=free_init_iterations)
-        if window_size is not None and isinstance(window_size, int) and window_size > num_frames and not loop:
-            raise ValueError(f"window_size={window_size} is larger than num_frames={num_frames}; leave it out for "
-                             "clips no longer than the training length")
-        training = self.training_frames if self.windows_by_default else None
-        window_size = window_size or default_window(num_frames, training)
-        stride = check_window(num_frames, window_size, window_stride, loop)
-        if keyframes and (not isinstance(negative_prompt, (str, type(None))) or prompt_embeds is not None):
-            raise ValueError("with a keyframe prompt dict pass one negative_prompt string and no prompt_embeds")
-        freeu = self._freeu if freeu is None else _check_freeu(freeu)
-        low_pass = None
-        if free_init_iterations > 1:
-            low_pass = free_init_filter_mask((num_frames, height // self.vae_scale_factor,
-                                              width // self.vae_scale_factor), free_init_filter, free_init_spatial,
-                                             free_init_temporal, device=self.device)
-        guidance = guidance_scale > 1.0 and self.unet.guidance_embedding_dim is None  # CFG: an unconditional batch
-        schedule = NoiseSchedule.create(options, num_inference_steps)
-        device = self.device
+        call = dict(locals())
+        del call["self"]
+        plan = make_plan(self, call)  # 1. every setting resolved and checked
+        context, batch = self._encode(plan, prompt_embeds, negative_prompt_embeds, clip_skip)  # 2. text, once
+        progress = tqdm(total=plan.steps * plan.free_init_iterations, **self._progress)
+        reporter = StepReporter(self, progress, callback, callback_steps, callback_on_step_end)
+        try:  # 3. noise -> sampler loop
+            x = self._denoise(plan, context, batch, generator, latents, reporter)
+        finally:
+            progress.close()
+            self._interrupted = False
+        video = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)  # 4. frames
+        self._offload.release(self._models())
+        return TextToVideoOutput(frames=video, settings=plan.settings()) if return_dict else (video,)
 
-        # 1. text, once per generation: [uncond; cond] with guidance; per frame (N*F, 77, D) for prompt travel
-        if keyframes:
-            negative = negatives[:1] if negatives else None
-            context = self._travel_context(keyframes, negative, num_frames, num_videos_per_prompt, guidance,
-                                           clip_skip)
-            batch = num_videos_per_prompt
-        else:
-            context = self.encode_prompt(_repeat(prompts, num_videos_per_prompt),
-                                         _repeat(negatives, num_videos_per_prompt), guidance,
-                                         _repeat(prompt_embeds, num_videos_per_prompt),
-                                         _repeat(negative_prompt_embeds, num_videos_per_prompt), clip_skip)
-            batch = context.shape[0] // (2 if guidance else 1)
-        noise_dtype = context.dtype
+    def _encode(self, plan: Plan, prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None,
+                clip_skip: int | None) -> tuple[torch.Tensor, int]:
+        """(text states, videos): [uncond; cond] with guidance; per frame (N*F, 77, D) for prompt travel."""
+        times = plan.videos_per_prompt
+        if plan.keyframes:
+            negative = plan.negatives[:1] if plan.negatives else None
+            return self._travel_context(plan.keyframes, negative, plan.num_frames, times, plan.cfg, clip_skip), times
+        context = self.encode_prompt(repeat_each(plan.prompts, times), repeat_each(plan.negatives, times), plan.cfg,
+                                     repeat_each(prompt_embeds, times), repeat_each(negative_prompt_embeds, times),
+                                     clip_skip)
+        return context, context.shape[0] // (2 if plan.cfg else 1)
 
-        # 2. initial noise, drawn as diffusers draws it (or with the VideoFusion prior)
-        shape = (batch, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
+    def _denoise(self, plan: Plan, context: torch.Tensor, batch: int, generator, latents: torch.Tensor | None,
+                 reporter: StepReporter) -> torch.Tensor:
+        """Initial latents -> the sampler loop (FreeInit passes, windows of frames) -> final latents (B, C, F, h, w)."""
+        device, noise_dtype = self.device, context.dtype
+        shape = (batch, self.unet.config.in_channels, plan.num_frames, plan.height // self.vae_scale_factor,
+                 plan.width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} videos; pass one per video")
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/8, width/8), "
                              f"got {tuple(latents.shape)}")
-        x, start = self._initial_latents(shape, generator, noise_dtype, latents, base, schedule)
-        if start == 0 and latents is None:
-            x = initial_noise(shape, generator, device, noise_dtype, noise_prior, base_noise_ratio)
-            if not loop and num_frames > window_size:
-                x = reschedule_noise(x, window_size, stride, generator)
+        x, start = self._initial_latents(shape, generator, noise_dtype, latents, plan)
         x = x.to(device=device, dtype=torch.float32)
-
-        # 3. sample: the UNet sees at most window_size frames at once
         self._activate(self.unet)
         unet_dtype = self.unet.dtype
         context = context.to(unet_dtype)
-        if keyframes is None and self._offload != "sequential":
+        if plan.keyframes is None and self._offload.mode != "sequential":
             # one text per video: its keys and values for every cross-attention, once for the whole generation
             # (per-frame texts stay text: their K/V would be frames times larger; sequential offload keeps the
             # projections off the device outside a forward)
             context = self.unet.text_kv(context)
+        guidance_cond = self._guidance_condition(plan.guidance_scale, batch)
 
-        guidance_cond = self._guidance_condition(guidance_scale, batch)
+        def network(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV) -> torch.Tensor:
+            return self.unet(x_in.to(unet_dtype), t.to(device), ctx, guidance_cond)
 
-        def guided(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV) -> torch.Tensor:
-            inp = torch.cat([x_in, x_in]) if guidance else x_in
-            out = self.unet(inp.to(unet_dtype), t.to(device), ctx, guidance_cond).float()
-            if guidance:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            return out
-
-        model_fn = windowed(guided, context, keyframes is not None, num_frames, window_size, stride, loop)
-        total_steps = num_inference_steps * free_init_iterations
-        progress = tqdm(total=total_steps, **self._progress)
-        iteration = 0
-
-        def on_step(step: int, t: torch.Tensor, x_now: torch.Tensor) -> torch.Tensor:
-            progress.update()
-            step += iteration * num_inference_steps
-            if callback is not None and step % callback_steps == 0:
-                callback(step, t, x_now)
-            if callback_on_step_end is not None:
-                update = callback_on_step_end(self, step, t, {"latents": x_now}) or {}
-                if not isinstance(update, dict):
-                    raise TypeError(f"callback_on_step_end must return a dict or None, got {type(update).__name__}")
-                if update.get("latents") is not None:
-                    if tuple(update["latents"].shape) != tuple(x_now.shape):
-                        raise ValueError(f"callback_on_step_end returned latents of shape "
-                                         f"{tuple(update['latents'].shape)}; expected {tuple(x_now.shape)}")
-                    x_now = update["latents"].to(device=x_now.device, dtype=x_now.dtype)
-                if update.get("stop"):
-                    self._interrupted = True
-            if self._interrupted:
-                raise _Stopped(x_now)
-            return x_now
-
-        extra = {"eta": eta} if "eta" in inspect.signature(SAMPLERS[base]).parameters else {}
-        if start:
-            extra["start"] = start
+        model_fn = windowed(cfg_model(network, plan.guidance_scale, plan.cfg), context, plan.keyframes is not None,
+                            plan.num_frames, plan.window_size, plan.window_stride, plan.loop)
         noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)
-        start_noise = x
-        previous_freeu, self.unet.freeu = self.unet.freeu, freeu
+        previous_freeu, self.unet.freeu = self.unet.freeu, plan.freeu
         try:
-            for iteration in range(free_init_iterations):
-                if iteration:  # FreeInit: diffuse the result back to t=T, keep its low frequencies, fresh high ones
-                    a_t = schedule.alphas_cumprod[-1].to(device)
-                    diffused = a_t**0.5 * x + (1 - a_t) ** 0.5 * start_noise
-                    fresh = randn(shape, generator, device, noise_dtype).float()
-                    x = mix_frequencies(diffused, fresh, low_pass)
-                x = SAMPLERS[base](model_fn, x, schedule, noise_sampler=noise_sampler, callback=on_step, **extra)
-        except _Stopped as stopped:
-            x = stopped.latents
+            return sample_with_free_init(model_fn, x, plan, reporter, noise_sampler, generator, noise_dtype, start)
+        except Stopped as stopped:
+            return stopped.latents
         finally:
             self.unet.freeu = previous_freeu
-            progress.close()
-            self._interrupted = False
-
-        # 4. decode -> frames
-        if output_type == "latent":
-            video = x
-        else:
-            video = _postprocess(self.decode_latents(x), output_type)
-        self._release()
-        settings = {"sampler": sampler or base, "num_inference_steps": num_inference_steps,
-                    "guidance_scale": float(guidance_scale), "num_frames": num_frames, "height": height, "width": width}
-        return TextToVideoOutput(frames=video, settings=settings) if return_dict else (video,)
 
     def _initial_latents(self, shape: tuple[int, ...], generator, dtype: torch.dtype, latents: torch.Tensor | None,
-                         sampler: str, schedule: NoiseSchedule) -> tuple[torch.Tensor | None, int]:
-        """(latents to start from, first step). Text-to-video: the given latents or fresh noise from step 0."""
-        return latents, 0
+                         plan: Plan) -> tuple[torch.Tensor, int]:
+        """(latents to start from, first step). Text-to-video: the given latents, or noise drawn as diffusers draws
+        it (or with the VideoFusion prior; rescheduled across windows for long clips), from step 0."""
+        if latents is not None:
+            return latents, 0
+        x = initial_noise(shape, generator, self.device, dtype, plan.noise_prior, plan.base_noise_ratio)
+        if not plan.loop and plan.num_frames > plan.window_size:
+            x = reschedule_noise(x, plan.window_size, plan.window_stride, generator)
+        return x, 0
 
     def _travel_context(self, keyframes: tuple[list[int], list[str]], negatives: list[str] | None, num_frames: int,
                         videos: int, guidance: bool, clip_skip: int | None) -> torch.Tensor:
@@ -491,98 +412,6 @@ class TextToVideoPipeline:
         z = (latents / self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
         images = self.vae.decode(z.to(self.vae.dtype))
         return images.view(b, f, *images.shape[1:]).float()
-
-
-class _Stopped(Exception):
-    def __init__(self, latents: torch.Tensor):
-        super().__init__("generation stopped")
-        self.latents = latents
-
-
-def _repeat(items, times: int):
-    """Each prompt (or embedding row) `times` times in a row, as diffusers' num_images_per_prompt."""
-    if items is None or times == 1:
-        return items
-    if isinstance(items, torch.Tensor):
-        return items.repeat_interleave(times, dim=0)
-    return [item for item in items for _ in range(times)]
-
-
-SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "fps")
-
-
-def generation_settings(ran: dict[str, Any], params: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The settings a video was made with, as stored in the files the service and batch jobs write: what ran
-    (`TextToVideoOutput.settings`: sampler, steps, guidance and size with defaults resolved), the request's prompt,
-    negative prompt, seed and fps, the vidfusion version and `extra`."""
-    from . import __version__
-
-    settings = {"vidfusion": __version__, **extra, **{k: params.get(k) for k in SETTINGS_KEYS}, **ran}
-    return {k: v for k, v in settings.items() if v not in (None, "")}
-
-
-def _check_freeu(freeu) -> tuple[float, float, float, float]:
-    if (not isinstance(freeu, (tuple, list)) or len(freeu) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in freeu)):
-        raise ValueError(f"freeu must be four numbers (s1, s2, b1, b2), e.g. (0.9, 0.2, 1.2, 1.4); got {freeu!r}")
-    return tuple(float(v) for v in freeu)
-
-
-def _as_list(value: str | list[str], name: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
-
-
-def _check_positive_ints(**values: Any) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, height, width,
-                  steps, guidance_scale, eta, output_type, callback_steps):
-    if prompt is None and prompt_embeds is None:
-        raise ValueError("pass a prompt (or prompt_embeds)")
-    if prompt is not None and prompt_embeds is not None:
-        raise ValueError("pass either prompt or prompt_embeds, not both")
-    prompts = _as_list(prompt, "prompt") if prompt is not None else None
-    negatives = None
-    if negative_prompt is not None:
-        if negative_prompt_embeds is not None:
-            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
-        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        negatives = _as_list(negative_prompt, "negative_prompt")
-        if isinstance(negative_prompt, str):
-            negatives = negatives * batch  # one negative prompt for every prompt
-        if len(negatives) != batch:
-            raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {batch} prompts")
-    _check_positive_ints(num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
-                         callback_steps=callback_steps)
-    if height % 8 or width % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-    if not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
-    if not isinstance(eta, (int, float)) or eta < 0:
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    return prompts, negatives
-
-
-def _postprocess(video: torch.Tensor, output_type: str):
-    """video (B, F, 3, H, W) in [-1, 1] -> the requested output type, values in [0, 1]."""
-    video = (video / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return video
-    frames = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()  # (B, F, H, W, 3)
-    if output_type == "np":
-        return frames
-    from PIL import Image
-
-    return [[Image.fromarray(f) for f in (clip * 255).round().astype(np.uint8)] for clip in frames]
 
 
 class TextToVideoSDPipeline(TextToVideoPipeline):

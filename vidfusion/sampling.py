@@ -13,10 +13,22 @@ The numerics follow diffusers' schedulers step for step, so seeds carry over.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from .multistep import sample_dpmpp_2m, sample_unipc
+from .predictions import (
+    Callback,
+    ModelFn,
+    NoiseSampler,
+    alpha_sigma,
+    draw_noise,
+    sigma_x0,
+    step_done,
+    vp_x0_eps,
+)
 from .schedules import (
     NoiseSchedule,
     consistency_timesteps,
@@ -26,67 +38,21 @@ from .schedules import (
     spaced_timesteps,
 )
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None
-NoiseSampler = Callable[[], torch.Tensor] | None
 
+def cfg_model(network: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], guidance_scale: float, cfg: bool
+              ) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
+    """Classifier-free guidance around a network `network(x, t, context) -> output` (k-diffusion's CFGDenoiser):
+    with `cfg` the network runs once on [x; x] against the [uncond; cond] context and the outputs are combined as
+    uncond + guidance_scale * (cond - uncond), in float32; without it, one plain pass."""
 
-# ---- prediction conversions (kept apart from the solvers) ------------------------------------------------
+    def model(x: torch.Tensor, t: torch.Tensor, context: Any) -> torch.Tensor:
+        out = network(torch.cat([x, x]) if cfg else x, t, context).float()
+        if not cfg:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
 
-def vp_x0_eps(output: torch.Tensor, x: torch.Tensor, alpha_prod: torch.Tensor, kind: str):
-    """(x0, eps) from a network output in variance-preserving space at cumulative alpha `alpha_prod`."""
-    beta_prod = 1 - alpha_prod
-    if kind == "epsilon":
-        return (x - beta_prod**0.5 * output) / alpha_prod**0.5, output
-    if kind == "v_prediction":
-        return alpha_prod**0.5 * x - beta_prod**0.5 * output, alpha_prod**0.5 * output + beta_prod**0.5 * x
-    return output, (x - alpha_prod**0.5 * output) / beta_prod**0.5
-
-
-def sigma_x0(output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor:
-    """x0 from a network output for x in sigma (variance-exploding) space."""
-    if kind == "epsilon":
-        return x - sigma * output
-    if kind == "v_prediction":
-        return output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
-    return output
-
-
-def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VP (alpha_t, sigma_t) for a VE sigma."""
-    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-    return alpha_t, sigma * alpha_t
-
-
-def multistep_output(output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, kind: str, data_pred: bool
-                     ) -> torch.Tensor:
-    """What the multistep solvers extrapolate: x0 (data prediction) or eps, for VP x at VE `sigma`."""
-    alpha_s, sigma_s = alpha_sigma(sigma)
-    if data_pred:
-        if kind == "epsilon":
-            return (x - sigma_s * output) / alpha_s
-        return alpha_s * x - sigma_s * output if kind == "v_prediction" else output
-    if kind == "epsilon":
-        return output
-    return alpha_s * output + sigma_s * x if kind == "v_prediction" else (x - alpha_s * output) / sigma_s
-
-
-def lambda_of(sigma: torch.Tensor) -> torch.Tensor:
-    alpha_t, sigma_t = alpha_sigma(sigma)
-    return torch.log(alpha_t) - torch.log(sigma_t)
-
-
-def _noise(noise_sampler: NoiseSampler, x: torch.Tensor) -> torch.Tensor:
-    return noise_sampler() if noise_sampler is not None else torch.randn_like(x)
-
-
-def _done(callback: Callback, step: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Run the step callback; a tensor it returns replaces x (the pipeline's callback_on_step_end)."""
-    if callback is not None:
-        replaced = callback(step, t, x)
-        if replaced is not None:
-            return replaced
-    return x
+    return model
 
 
 # ---- DDIM / PNDM (alpha space, integer timesteps) ---------------------------------------------------------
@@ -107,8 +73,8 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
         if eta > 0:
-            x = x + std * _noise(noise_sampler, x)
-        x = _done(callback, i, t, x)
+            x = x + std * draw_noise(noise_sampler, x)
+        x = step_done(callback, i, t, x)
     return x
 
 
@@ -157,7 +123,7 @@ def sample_pndm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
                 x = prev(x, t, t - stride, _plms_combination(ets))
             if i >= 1:
                 step += 1
-                x = _done(callback, step, torch.tensor(t), x)
+                x = step_done(callback, step, torch.tensor(t), x)
         return x
 
     half = stride // 2
@@ -183,13 +149,13 @@ def sample_pndm(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
         x = prev(cur_x, t_ref, t_prev, eps)
         if phase == 3:
             step += 1
-            x = _done(callback, step, torch.tensor(t), x)
+            x = step_done(callback, step, torch.tensor(t), x)
     for t in plms.tolist():
         eps = model_fn(x, torch.tensor(t))
         ets = ets[-3:] + [eps]
         x = prev(x, t, t - stride, _plms_combination(ets))
         step += 1
-        x = _done(callback, step, torch.tensor(t), x)
+        x = step_done(callback, step, torch.tensor(t), x)
     return x
 
 
@@ -217,7 +183,7 @@ def sample_euler(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
         t, sigma = timesteps[i], sigmas[i]
         x0 = sigma_x0(model_fn(_scaled(x, sigma), t), x, sigma, schedule.prediction_type)
         x = x + (x - x0) / sigma * (sigmas[i + 1] - sigma)
-        x = _done(callback, i, t, x)
+        x = step_done(callback, i, t, x)
     return x
 
 
@@ -232,8 +198,8 @@ def sample_euler_ancestral(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSc
         s_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
         s_down = (s_to**2 - s_up**2) ** 0.5
         x = x + (x - x0) / s_from * (s_down - s_from)
-        x = x + _noise(noise_sampler, x) * s_up
-        x = _done(callback, i, t, x)
+        x = x + draw_noise(noise_sampler, x) * s_up
+        x = step_done(callback, i, t, x)
     return x
 
 
@@ -257,7 +223,7 @@ def sample_heun(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, 
         if i < n - 1:  # second evaluation at the end point, then average the slopes
             d = (d + derivative(x + d * dt, sigma_next, timesteps[i + 1])) / 2
         x = x + d * dt
-        x = _done(callback, i, timesteps[i], x)
+        x = step_done(callback, i, timesteps[i], x)
     return x
 
 
@@ -286,176 +252,8 @@ def sample_lms(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, n
         cur = min(i + 1, order)
         coeffs = [_lms_coefficient(sig, cur, i, j) for j in range(cur)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(derivatives)))
-        x = _done(callback, i, t, x)
+        x = step_done(callback, i, t, x)
     return x
-
-
-# ---- multistep solvers in log-SNR time (VP space, integer timesteps) --------------------------------------
-
-def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *,
-                    noise_sampler: NoiseSampler = None, callback: Callback = None, start: int = 0) -> torch.Tensor:
-    """DPM-Solver(++) multistep, orders 1-3, ODE or SDE variants (diffusers' DPMSolverMultistepScheduler)."""
-    opts, kind = schedule.options, schedule.prediction_type
-    algo, order = opts["algorithm_type"], opts["solver_order"]
-    if algo in ("dpmsolver", "sde-dpmsolver") and opts["final_sigmas_type"] == "zero":
-        raise ValueError(f"dpmpp-2m sampler: algorithm_type={algo!r} needs final_sigmas_type='sigma_min'")
-    if algo == "sde-dpmsolver" and order == 3:
-        raise ValueError("dpmpp-2m sampler: algorithm_type='sde-dpmsolver' supports solver_order 1 or 2")
-    data_pred = algo in ("dpmsolver++", "sde-dpmsolver++")
-    timesteps, sigmas = multistep_sigmas(schedule)
-    n = len(timesteps)
-    outputs: list[torch.Tensor] = []
-    lower_nums = 0
-    for i in range(start, n):
-        t = timesteps[i]
-        out = model_fn(x, t)
-        m = multistep_output(out, x, sigmas[i], kind, data_pred)
-        outputs = (outputs + [m])[-order:]
-        final = i == n - 1 and (opts["euler_at_final"] or (opts["lower_order_final"] and n < 15)
-                                or opts["final_sigmas_type"] == "zero")
-        second_last = i == n - 2 and opts["lower_order_final"] and n < 15
-        noise = _noise(noise_sampler, x).float() if algo.startswith("sde") else None
-        if order == 1 or lower_nums < 1 or final:
-            use = 1
-        elif order == 2 or lower_nums < 2 or second_last:
-            use = 2
-        else:
-            use = 3
-        x = _dpm_update(x, outputs, sigmas, i, use, algo, opts["solver_type"], noise)
-        lower_nums = min(lower_nums + 1, order)
-        x = _done(callback, i, t, x)
-    return x
-
-
-def _dpm_update(x, outputs, sigmas, i, use, algo, solver_type, noise):
-    alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
-    alpha_s0, sigma_s0 = alpha_sigma(sigmas[i])
-    lam_t, lam_s0 = lambda_of(sigmas[i + 1]), lambda_of(sigmas[i])
-    h = lam_t - lam_s0
-    m0 = outputs[-1]
-    plus = algo in ("dpmsolver++", "sde-dpmsolver++")
-    sde = algo.startswith("sde")
-    if use == 1:
-        if algo == "dpmsolver++":
-            return (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * m0
-        if algo == "dpmsolver":
-            return (alpha_t / alpha_s0) * x - (sigma_t * (torch.exp(h) - 1.0)) * m0
-        if algo == "sde-dpmsolver++":
-            return ((sigma_t / sigma_s0 * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * m0
-                    + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
-        return ((alpha_t / alpha_s0) * x - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * m0
-                + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
-    lam_s1 = lambda_of(sigmas[i - 1])
-    m1 = outputs[-2]
-    h_0 = lam_s0 - lam_s1
-    r0 = h_0 / h
-    if use == 2:
-        d0, d1 = m0, (1.0 / r0) * (m0 - m1)
-        if plus and not sde:
-            base = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d0
-            if solver_type == "midpoint":
-                return base - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
-            return base + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
-        if not plus and not sde:
-            base = (alpha_t / alpha_s0) * x - (sigma_t * (torch.exp(h) - 1.0)) * d0
-            if solver_type == "midpoint":
-                return base - 0.5 * (sigma_t * (torch.exp(h) - 1.0)) * d1
-            return base - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
-        if plus:
-            base = (sigma_t / sigma_s0 * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * d0
-            if solver_type == "midpoint":
-                base = base + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * d1
-            else:
-                base = base + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
-            return base + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
-        base = (alpha_t / alpha_s0) * x - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * d0
-        if solver_type == "midpoint":
-            base = base - (sigma_t * (torch.exp(h) - 1.0)) * d1
-        else:
-            base = base - 2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
-        return base + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
-    m2 = outputs[-3]
-    h_1 = lam_s1 - lambda_of(sigmas[i - 2])
-    r1 = h_1 / h
-    d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-    if algo == "dpmsolver++":
-        return ((sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * m0
-                + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
-                - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * d2)
-    if algo == "dpmsolver":
-        return ((alpha_t / alpha_s0) * x - (sigma_t * (torch.exp(h) - 1.0)) * m0
-                - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
-                - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * d2)
-    return ((sigma_t / sigma_s0 * torch.exp(-h)) * x + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * m0
-            + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
-            + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
-            + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
-
-
-def sample_unipc(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSchedule, *, noise_sampler: NoiseSampler = None,
-                 callback: Callback = None, start: int = 0) -> torch.Tensor:
-    """UniPC multistep predictor-corrector (diffusers' UniPCMultistepScheduler, bh1/bh2)."""
-    opts, kind = schedule.options, schedule.prediction_type
-    order, predict_x0 = opts["solver_order"], opts["predict_x0"]
-    timesteps, sigmas = multistep_sigmas(schedule)
-    n = len(timesteps)
-    outputs: list[torch.Tensor] = []
-    lower_nums, this_order, last_x = 0, 1, None
-    for i in range(start, n):
-        t = timesteps[i]
-        out = model_fn(x, t)
-        m = multistep_output(out, x, sigmas[i], kind, predict_x0)
-        if i > 0 and (i - 1) not in opts["disable_corrector"] and last_x is not None:
-            x = _unipc_update(last_x, outputs, sigmas, i - 1, this_order, opts, corrector=m)
-        outputs = (outputs + [m])[-order:]
-        this_order = min(order, n - i) if opts["lower_order_final"] else order
-        this_order = min(this_order, lower_nums + 1)
-        last_x = x
-        x = _unipc_update(x, outputs, sigmas, i, this_order, opts)
-        lower_nums = min(lower_nums + 1, order)
-        x = _done(callback, i, t, x)
-    return x
-
-
-def _unipc_update(x, outputs, sigmas, i, order, opts, corrector=None):
-    """Predictor (corrector=None) from step i to i+1, or corrector of that step given the new output."""
-    alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
-    alpha_s0, sigma_s0 = alpha_sigma(sigmas[i])
-    lam_s0 = lambda_of(sigmas[i])
-    h = lambda_of(sigmas[i + 1]) - lam_s0
-    m0 = outputs[-1]
-    rks, d1s = [], []
-    for k in range(1, order):
-        rk = (lambda_of(sigmas[i - k]) - lam_s0) / h
-        rks.append(rk)
-        d1s.append((outputs[-(k + 1)] - m0) / rk)
-    rks.append(torch.ones(()))
-    rks_t = torch.stack(rks)
-    hh = -h if opts["predict_x0"] else h
-    h_phi_1 = torch.expm1(hh)
-    h_phi_k = h_phi_1 / hh - 1
-    b_h = hh if opts["solver_type"] == "bh1" else torch.expm1(hh)
-    factorial, rows, b = 1, [], []
-    for k in range(1, order + 1):
-        rows.append(torch.pow(rks_t, k - 1))
-        b.append(h_phi_k * factorial / b_h)
-        factorial *= k + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial
-    r_mat, b_vec = torch.stack(rows), torch.stack(b)
-    if opts["predict_x0"]:
-        base, scale = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0, alpha_t
-    else:
-        base, scale = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0, sigma_t
-    if corrector is None:
-        if not d1s:
-            return base
-        rhos = torch.ones(1) * 0.5 if order == 2 else torch.linalg.solve(r_mat[:-1, :-1], b_vec[:-1])
-        return base - scale * b_h * sum(r * d for r, d in zip(rhos, d1s))
-    rhos = torch.ones(1) * 0.5 if order == 1 else torch.linalg.solve(r_mat, b_vec)
-    res = sum(r * d for r, d in zip(rhos[:-1], d1s)) if d1s else 0
-    return base - scale * b_h * (res + rhos[-1] * (corrector - m0))
 
 
 # ---- consistency models (LCM / MCM, T2V-Turbo): denoise to x0 in one pass, re-noise to the next step -------------
@@ -479,10 +277,10 @@ def _sample_consistency(model_fn: ModelFn, x: torch.Tensor, schedule: NoiseSched
         denoised = c_out * x0 + c_skip * x
         if i < len(timesteps) - 1:  # fresh noise up to the next timestep; the last step returns the denoised sample
             a_next = ac[timesteps[i + 1]]
-            x = a_next.sqrt() * denoised + (1 - a_next).sqrt() * _noise(noise_sampler, x)
+            x = a_next.sqrt() * denoised + (1 - a_next).sqrt() * draw_noise(noise_sampler, x)
         else:
             x = denoised
-        x = _done(callback, i, t, x)
+        x = step_done(callback, i, t, x)
     return x
 
 

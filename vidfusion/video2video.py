@@ -9,10 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .generation import Plan
 from .noise import frame_major_noise
 from .pipeline import TextToVideoOutput, TextToVideoPipeline
 from .sampling import first_step, start_state
-from .schedules import NoiseSchedule
 from .video_io import read_video
 
 
@@ -72,7 +72,7 @@ class VideoToVideoPipeline(TextToVideoPipeline):
         new._freeu = pipe._freeu
         new.training_frames = pipe.training_frames
         new._lora = pipe._lora  # the same weights, so the same adapters
-        new._offload, new._offload_device, new._sequential = pipe._offload, pipe._offload_device, pipe._sequential
+        new._offload = pipe._offload  # the same models, so the same placement
         return new
 
     @torch.no_grad()
@@ -107,7 +107,9 @@ class VideoToVideoPipeline(TextToVideoPipeline):
         return output
 
     def _initial_latents(self, shape: tuple[int, ...], generator, dtype: torch.dtype, latents: torch.Tensor | None,
-                         sampler: str, schedule: NoiseSchedule) -> tuple[torch.Tensor | None, int]:
+                         plan: Plan) -> tuple[torch.Tensor, int]:
+        """The input video encoded (VAE posterior sample) and noised to the first step strength asks for."""
+        sampler, schedule = plan.base, plan.schedule
         steps = schedule.num_steps
         start = first_step(sampler, schedule, self._strength)  # strength 0 (or too few steps): no step runs
         b, c, f, h, w = shape

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_file
-from ..pipeline import generation_settings
+from ..metadata import video_settings
 from ..video_io import export_to_video
 from .jobs import FAILED, RUNNING, SUCCEEDED, JobStore
 
@@ -81,7 +81,7 @@ class Worker(threading.Thread):
                 return
             write_image(frames, self.store.poster_path(job_id))
             export_to_video(frames, self.store.video_path(job_id), fps=params["fps"],
-                            metadata=generation_settings(output.settings, params, **self.video_metadata))
+                            metadata=video_settings(output.settings, params, **self.video_metadata))
             if not self.store.finish(job_id, SUCCEEDED):  # cancelled while encoding: drop the file
                 self.store.video_path(job_id).unlink(missing_ok=True)
             log.info("job %s: succeeded", job_id)

@@ -1,0 +1,230 @@
+"""One generation's stages outside the pipeline class: the plan (every setting resolved and checked once), the
+per-step reporting the samplers call, the FreeInit restart loop and the output conversion. The pipeline's
+`__call__` runs plan -> encode -> denoise -> decode with these."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .long_video import check_keyframes, check_window, default_window
+from .noise import free_init_filter, mix_frequencies, randn
+from .sampling import SAMPLERS
+from .schedules import NoiseSchedule, step_defaults
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+@dataclass
+class Plan:
+    """Every setting of one call, defaults resolved and checked."""
+
+    sampler: str  # the name asked for (or the default one's): what a file records
+    base: str  # the solver it runs (SAMPLERS key)
+    schedule: NoiseSchedule
+    steps: int
+    guidance_scale: float
+    cfg: bool  # classifier-free guidance: an unconditional batch beside the conditional one
+    num_frames: int
+    height: int
+    width: int
+    prompts: list[str] | None
+    negatives: list[str] | None
+    keyframes: tuple[list[int], list[str]] | None  # prompt travel
+    videos_per_prompt: int
+    window_size: int
+    window_stride: int
+    loop: bool
+    freeu: tuple[float, float, float, float] | None
+    free_init_iterations: int
+    low_pass: torch.Tensor | None  # FreeInit's frequency mask
+    noise_prior: str
+    base_noise_ratio: float
+    eta: float
+    output_type: str
+
+    def sampler_options(self) -> dict[str, Any]:
+        """Keyword options of the sampler beyond the shared signature (eta where it takes one)."""
+        return {"eta": self.eta} if "eta" in inspect.signature(SAMPLERS[self.base]).parameters else {}
+
+    def settings(self) -> dict[str, Any]:
+        """What ran, as a file made from it records (TextToVideoOutput.settings)."""
+        return {"sampler": self.sampler, "num_inference_steps": self.steps,
+                "guidance_scale": float(self.guidance_scale), "num_frames": self.num_frames, "height": self.height,
+                "width": self.width}
+
+
+def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
+    """The plan of `pipe(**call)`: defaults of the sampler, size and windows resolved; bad input a clear error."""
+    base, options = pipe.sampler_or_turbo(call["sampler"])
+    default_steps, default_guidance = step_defaults(base, pipe.default_guidance_scale)
+    steps = default_steps if call["num_inference_steps"] is None else call["num_inference_steps"]
+    guidance_scale = default_guidance if call["guidance_scale"] is None else call["guidance_scale"]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = call["height"] or size, call["width"] or size
+    num_frames, prompt = call["num_frames"], call["prompt"]
+    keyframes = check_keyframes(prompt, num_frames) if isinstance(prompt, dict) else None
+    prompts, negatives = check_inputs(keyframes[1] if keyframes else prompt, call["negative_prompt"],
+                                      call["prompt_embeds"], call["negative_prompt_embeds"], num_frames, height, width,
+                                      steps, guidance_scale, call["eta"], call["output_type"], call["callback_steps"])
+    check_positive_ints(num_videos_per_prompt=call["num_videos_per_prompt"],
+                        free_init_iterations=call["free_init_iterations"])
+    window_size, loop = call["window_size"], call["loop"]
+    if isinstance(window_size, int) and window_size > num_frames and not loop:
+        raise ValueError(f"window_size={window_size} is larger than num_frames={num_frames}; leave it out for "
+                         "clips no longer than the training length")
+    window_size = window_size or default_window(num_frames, pipe.training_frames if pipe.windows_by_default else None)
+    stride = check_window(num_frames, window_size, call["window_stride"], loop)
+    if keyframes and (not isinstance(call["negative_prompt"], (str, type(None))) or call["prompt_embeds"] is not None):
+        raise ValueError("with a keyframe prompt dict pass one negative_prompt string and no prompt_embeds")
+    low_pass = None
+    if call["free_init_iterations"] > 1:
+        latent_size = (num_frames, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        low_pass = free_init_filter(latent_size, call["free_init_filter"], call["free_init_spatial"],
+                                    call["free_init_temporal"], device=pipe.device)
+    return Plan(sampler=call["sampler"] or base, base=base, schedule=NoiseSchedule.create(options, steps), steps=steps,
+                guidance_scale=guidance_scale, cfg=guidance_scale > 1.0 and pipe.unet.guidance_embedding_dim is None,
+                num_frames=num_frames, height=height, width=width, prompts=prompts, negatives=negatives,
+                keyframes=keyframes, videos_per_prompt=call["num_videos_per_prompt"], window_size=window_size,
+                window_stride=stride, loop=loop,
+                freeu=pipe._freeu if call["freeu"] is None else check_freeu(call["freeu"]),
+                free_init_iterations=call["free_init_iterations"], low_pass=low_pass, noise_prior=call["noise_prior"],
+                base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"])
+
+
+class Stopped(Exception):
+    """Raised by the step reporter to end sampling early (interrupt(), {"stop": True}); carries the latents."""
+
+    def __init__(self, latents: torch.Tensor):
+        super().__init__("generation stopped")
+        self.latents = latents
+
+
+class StepReporter:
+    """The samplers' per-step callback: progress bar, the legacy `callback(step, t, latents)` every
+    `callback_steps`, `callback_on_step_end(pipe, step, t, {"latents"})` (may replace the latents or stop) and
+    `pipe.interrupt()`. `offset` numbers steps on across FreeInit passes."""
+
+    def __init__(self, pipe: Any, progress: Any, callback: Callable | None, callback_steps: int,
+                 on_step_end: Callable | None):
+        self.pipe, self.progress, self.callback, self.every, self.on_step_end = (pipe, progress, callback,
+                                                                                 callback_steps, on_step_end)
+        self.offset = 0
+
+    def __call__(self, step: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.progress.update()
+        step += self.offset
+        if self.callback is not None and step % self.every == 0:
+            self.callback(step, t, x)
+        if self.on_step_end is not None:
+            update = self.on_step_end(self.pipe, step, t, {"latents": x}) or {}
+            if not isinstance(update, dict):
+                raise TypeError(f"callback_on_step_end must return a dict or None, got {type(update).__name__}")
+            if update.get("latents") is not None:
+                if tuple(update["latents"].shape) != tuple(x.shape):
+                    raise ValueError(f"callback_on_step_end returned latents of shape "
+                                     f"{tuple(update['latents'].shape)}; expected {tuple(x.shape)}")
+                x = update["latents"].to(device=x.device, dtype=x.dtype)
+            if update.get("stop"):
+                self.pipe._interrupted = True
+        if self.pipe._interrupted:
+            raise Stopped(x)
+        return x
+
+
+def sample_with_free_init(model_fn: Callable, x: torch.Tensor, plan: Plan, reporter: StepReporter,
+                          noise_sampler: Callable, generator: Any, noise_dtype: torch.dtype, start: int = 0
+                          ) -> torch.Tensor:
+    """The sampler from `x` (from step `start`), once, or `free_init_iterations` times with FreeInit's restart in
+    between: the result diffused back to t=T, its low frequencies kept and fresh noise for the high ones."""
+    sampler, extra = SAMPLERS[plan.base], plan.sampler_options()
+    if start:
+        extra["start"] = start
+    start_noise = x
+    for iteration in range(plan.free_init_iterations):
+        if iteration:
+            a_t = plan.schedule.alphas_cumprod[-1].to(x.device)
+            diffused = a_t**0.5 * x + (1 - a_t) ** 0.5 * start_noise
+            fresh = randn(tuple(x.shape), generator, x.device, noise_dtype).float()
+            x = mix_frequencies(diffused, fresh, plan.low_pass)
+        reporter.offset = iteration * plan.steps
+        x = sampler(model_fn, x, plan.schedule, noise_sampler=noise_sampler, callback=reporter, **extra)
+    return x
+
+
+def repeat_each(items, times: int):
+    """Each prompt (or embedding row) `times` times in a row, as diffusers' num_images_per_prompt."""
+    if items is None or times == 1:
+        return items
+    if isinstance(items, torch.Tensor):
+        return items.repeat_interleave(times, dim=0)
+    return [item for item in items for _ in range(times)]
+
+
+def check_freeu(freeu) -> tuple[float, float, float, float]:
+    if (not isinstance(freeu, (tuple, list)) or len(freeu) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in freeu)):
+        raise ValueError(f"freeu must be four numbers (s1, s2, b1, b2), e.g. (0.9, 0.2, 1.2, 1.4); got {freeu!r}")
+    return tuple(float(v) for v in freeu)
+
+
+def _as_list(value: str | list[str], name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def check_positive_ints(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, height, width,
+                  steps, guidance_scale, eta, output_type, callback_steps):
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("pass a prompt (or prompt_embeds)")
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("pass either prompt or prompt_embeds, not both")
+    prompts = _as_list(prompt, "prompt") if prompt is not None else None
+    negatives = None
+    if negative_prompt is not None:
+        if negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        negatives = _as_list(negative_prompt, "negative_prompt")
+        if isinstance(negative_prompt, str):
+            negatives = negatives * batch  # one negative prompt for every prompt
+        if len(negatives) != batch:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {batch} prompts")
+    check_positive_ints(num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+                         callback_steps=callback_steps)
+    if height % 8 or width % 8:
+        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    if not isinstance(guidance_scale, (int, float)):
+        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if not isinstance(eta, (int, float)) or eta < 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    return prompts, negatives
+
+
+def postprocess(video: torch.Tensor, output_type: str):
+    """video (B, F, 3, H, W) in [-1, 1] -> the requested output type, values in [0, 1]."""
+    video = (video / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return video
+    frames = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()  # (B, F, H, W, 3)
+    if output_type == "np":
+        return frames
+    from PIL import Image
+
+    return [[Image.fromarray(f) for f in (clip * 255).round().astype(np.uint8)] for clip in frames]

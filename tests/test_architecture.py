@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vidfusion"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
-ARGPARSE_TABLES = {("cli.py", "build_parser")}  # a table of options, read line by line
+ARGPARSE_TABLES = {("cli_args.py", "build_parser")}  # a table of options, read line by line
 
 
 def module_name(path: Path) -> str:

@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .devices import device_and_dtype
 from .fileio import remove_temp_files, write_bytes, write_text
+from .lora import apply_loras
 from .schedules import SAMPLER_NAMES
 
 FIELDS = {"id": str, "prompt": str, "negative_prompt": str, "seed": int, "num_frames": int, "height": int,
@@ -150,19 +152,12 @@ class RowRenderer:
 
         if threads:
             torch.set_num_threads(threads)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.startswith("cuda")
-                                                           else torch.float32)
+        device, torch_dtype = device_and_dtype(device, dtype)
         self.pipe = TextToVideoPipeline.from_pretrained(model, dtype=torch_dtype, variant=variant, vae=vae,
                                                         text_encoder=clip).to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        for path, weight in loras or []:
-            self.pipe.load_lora_weights(path, weight_name=lora_weight_name, scale=weight, target=lora_target)
-        if turbo:
-            self.pipe.load_lora_weights("jiachenli-ucsb/T2V-Turbo-MS", weight_name="unet_lora.pt",
-                                        adapter_name="t2v-turbo")
-        self.metadata = {"model": str(model), **({"loras": [{"path": p, "weight": w} for p, w in loras]}
-                                                 if loras else {}), **({"turbo": True} if turbo else {})}
+        self.metadata = {"model": str(model),
+                         **apply_loras(self.pipe, loras or [], lora_weight_name, lora_target, turbo)}
 
     def render(self, row: dict[str, Any], retries: int = 0) -> dict[str, Any]:
         start = time.perf_counter()

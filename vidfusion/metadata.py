@@ -27,6 +27,14 @@ CLI_ARGUMENTS = {
 }
 
 
+def lora_settings(loras: list[tuple[str, float]], weight_name: str | None = None, target: str | None = None,
+                  turbo: bool = False) -> dict[str, Any]:
+    """What a video made with these LoRAs records beside its settings (`generate --from` loads them again)."""
+    meta = {"loras": [{"path": path, "weight": weight} for path, weight in loras], "lora_weight_name": weight_name,
+            "lora_target": target, "turbo": turbo}
+    return {k: v for k, v in meta.items() if v not in (None, [], False)}
+
+
 def video_settings(ran: dict[str, Any], request: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The settings a video file records (see the module docstring)."""
     from . import __version__

@@ -24,6 +24,8 @@ PUBLISHED_SCHEDULER = {
     "steps_offset": 1,
     "trained_betas": None,
 }
+# T2V-Turbo (MS): the LoRA that distils the model into a 4-step sampler with embedded guidance (`--turbo`)
+TURBO_LORA = ("jiachenli-ucsb/T2V-Turbo-MS", "unet_lora.pt")
 MODEL_INDEX = {
     "_class_name": "TextToVideoSDPipeline",
     "_diffusers_version": "0.15.0.dev0",

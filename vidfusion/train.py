@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import resolve_device
 from .fileio import atomic_file, atomic_folder, write_text
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
@@ -274,7 +275,7 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
     clips, frames = load_clips(pairs, opts)
     options_record = saved_options(opts, data, frames)
     resume_from = prepare_out(out, opts, options_record)
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(resolve_device(opts.device))
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision)
 
     pipe = TextToVideoPipeline.from_pretrained(opts.model).to(device)  # float32 master copy of the LoRA weights

@@ -10,24 +10,22 @@ checkpointed, so `resume=True` ends with exactly the weights of an uninterrupted
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .devices import resolve_device
 from .fileio import atomic_file, atomic_folder, write_text
+from .state_files import read_state_file
+from .train_data import TrainDataError, find_clips, load_clips, read_clip  # noqa: F401  (public names)
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi")
 _ATTENTION = (r"(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
               r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))")
 # peft target_modules (regexes over the UNet's module names) of each --target
@@ -37,10 +35,6 @@ TARGETS = {
     "all": rf"((.*\.)?attentions\.\d+|transformer_in|.*\.temp_attentions\.\d+)\.{_ATTENTION}"
            r"|.*\.resnets\.\d+\.(conv1|conv2)",
 }
-
-
-class TrainDataError(ValueError):
-    """Training data that cannot be used: names the clip or file and what to do."""
 
 
 @dataclass
@@ -71,105 +65,6 @@ class TrainOptions:
     debias: bool = False
     use_8bit_adam: bool = False
     progress: bool = True
-
-
-# ---- data ---------------------------------------------------------------------------------------------------
-
-def find_clips(data: str | os.PathLike, prompt: str | None = None) -> list[tuple[Path, str]]:
-    """(video, caption) pairs: a folder of videos with same-name .txt captions, a JSONL / CSV manifest with
-    `video` and `prompt` columns (paths relative to it), or one video with `prompt`."""
-    path = Path(data)
-    if not path.exists():
-        raise TrainDataError(f"training data '{path}' does not exist")
-    if path.is_dir():
-        videos = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-        if not videos:
-            raise TrainDataError(f"{path}: no videos ({', '.join(VIDEO_SUFFIXES)}) in the folder")
-        missing = [v.name for v in videos if not v.with_suffix(".txt").is_file()]
-        if missing:
-            raise TrainDataError(f"{path}: no caption for {', '.join(missing[:5])}: add a same-name .txt file "
-                                 f"(e.g. {Path(missing[0]).with_suffix('.txt')})")
-        return [(v, v.with_suffix(".txt").read_text().strip()) for v in videos]
-    if path.suffix.lower() in (".jsonl", ".csv"):
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        pairs = []
-        for number, row in enumerate(rows, 1):
-            if not row.get("video") or not row.get("prompt"):
-                raise TrainDataError(f"{path}, row {number}: needs 'video' and 'prompt'")
-            video = Path(row["video"]) if Path(row["video"]).is_absolute() else path.parent / row["video"]
-            pairs.append((video, str(row["prompt"])))
-        return pairs
-    if prompt is None:
-        raise TrainDataError(f"{path} is one video: pass its caption with --prompt")
-    return [(path, prompt)]
-
-
-def read_clip(path: Path, frames: int, fps: int, height: int, width: int) -> torch.Tensor:
-    """`frames` frames sampled at `fps` from the start, resized (shorter side) and centre-cropped:
-    float32 (3, F, H, W) in [-1, 1]. Raises TrainDataError naming the clip when it is unreadable or short."""
-    import av
-
-    if not path.is_file():
-        raise TrainDataError(f"video '{path}' does not exist")
-    wanted = np.arange(frames) / fps
-    decoded = []
-    try:
-        with av.open(str(path)) as container:
-            for frame in container.decode(container.streams.video[0]):
-                decoded.append((float(frame.time or 0.0), frame.to_ndarray(format="rgb24")))
-                if decoded[-1][0] > wanted[-1]:  # past the last time needed: no later frame is nearer; stop decoding
-                    break
-    except Exception as exc:
-        raise TrainDataError(f"cannot read video '{path}': {type(exc).__name__}: {exc}") from None
-    if not decoded:
-        raise TrainDataError(f"video '{path}' has no frames")
-    times = np.array([t for t, _ in decoded])
-    if wanted[-1] > times[-1] + 0.5 / fps:
-        raise ShortClipError(path, len(decoded), times[-1], frames, fps)
-    picks = [int(np.abs(times - t).argmin()) for t in wanted]
-    video = torch.from_numpy(np.stack([decoded[i][1] for i in picks])).permute(0, 3, 1, 2).float()  # (F, 3, h, w)
-    scale = max(height / video.shape[2], width / video.shape[3])
-    size = (max(height, round(video.shape[2] * scale)), max(width, round(video.shape[3] * scale)))
-    video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    video = video[:, :, top:top + height, left:left + width]
-    return (video / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
-
-
-class ShortClipError(TrainDataError):
-    def __init__(self, path: Path, count: int, duration: float, frames: int, fps: int):
-        self.usable = int(duration * fps + 0.5) + 1  # frames at `fps` the clip covers
-        super().__init__(f"video '{path}' is too short: {frames} frames at {fps} fps need "
-                         f"{(frames - 1) / fps:.2f} s, it has {duration:.2f} s ({count} frames); use a longer clip, "
-                         f"or fewer --frames / a higher --fps")
-
-
-def load_clips(pairs: list[tuple[Path, str]], opts: TrainOptions) -> tuple[list[torch.Tensor], int]:
-    """Every clip read; when all of them are short, --frames is lowered (with a warning) to what they all have."""
-    frames = opts.frames
-    try:
-        return [read_clip(p, frames, opts.fps, opts.height, opts.width) for p, _ in pairs], frames
-    except ShortClipError:
-        usable = []
-        for path, _ in pairs:
-            try:
-                read_clip(path, frames, opts.fps, opts.height, opts.width)
-                usable.append(frames)
-            except ShortClipError as exc:
-                usable.append(exc.usable)
-        if max(usable) >= frames:  # only some clips are short: name the first
-            for path, _ in pairs:
-                read_clip(path, frames, opts.fps, opts.height, opts.width)
-        frames = min(usable)
-        if frames < 2:
-            raise
-        warnings.warn(f"every clip is shorter than {opts.frames} frames at {opts.fps} fps: training on {frames} "
-                      "frames", stacklevel=2)
-        return [read_clip(p, frames, opts.fps, opts.height, opts.width) for p, _ in pairs], frames
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------
@@ -255,14 +150,120 @@ def _save_atomic(folder: Path, files: dict[str, Any]) -> None:
                 torch.save(content, tmp / name)
 
 
-def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: Any) -> Path:
-    """Train a LoRA on the clips in `data`; returns DIR/pytorch_lora_weights.safetensors. Options: TrainOptions."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+@dataclass
+class _Run:
+    """What one training run holds: the pipeline (frozen), the UNet with its LoRA layers, the optimisation state
+    and the precomputed text states / latents."""
+
+    pipe: Any
+    unet: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    noise_gen: torch.Generator
+    texts: torch.Tensor  # (N, 77, D), one per clip
+    latents: list[torch.Tensor] | None  # cached VAE latents, or None to encode each step
+    device: torch.device
+    half: torch.dtype | None
+    step: int = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "noise_rng": self.noise_gen.get_state(), "step": self.step}
+
+    def resume(self, folder: Path) -> None:
+        """Continue from a checkpoint folder: adapter weights, optimizer, scheduler, scaler, noise RNG and step."""
+        from peft import set_peft_model_state_dict
+
+        adapter, _ = read_state_file(folder / "adapter.safetensors")
+        set_peft_model_state_dict(self.unet, {k[len("unet."):]: v for k, v in adapter.items()
+                                              if not k.endswith(".alpha")})
+        state, _ = read_state_file(folder / "training_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.noise_gen.set_state(state["noise_rng"])
+        self.step = int(state["step"])
+
+
+def _start_run(opts: TrainOptions, captions: list[str], clips: list[torch.Tensor], alpha: float) -> _Run:
+    """Load the model (frozen, in half precision with --mixed-precision), encode the captions (and the clips with
+    --cache-latents) once, add the LoRA layers (float32) and the optimizer."""
+    from peft import LoraConfig, inject_adapter_in_model
 
     from .pipeline import TextToVideoPipeline
-    from .schedules import alphas_cumprod as schedule_alphas
     from .text_encoder import encode_text
+
+    device = torch.device(resolve_device(opts.device))
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision)
+    pipe = TextToVideoPipeline.from_pretrained(opts.model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.gradient_checkpointing = opts.gradient_checkpointing
+    if half is not None:  # the frozen models in half precision; the LoRA weights stay float32 (below)
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            model.to(half)
+    with torch.no_grad():
+        texts = encode_text(pipe.text_encoder, pipe.tokenizer, captions, device).float()  # (N, 77, D)
+        latents = [_encode(pipe, clip.to(device)) for clip in clips] if opts.cache_latents else None
+    config = LoraConfig(r=opts.rank, lora_alpha=alpha, target_modules=TARGETS[opts.target], lora_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):  # peft draws lora_A's initial values from the global RNG: seed it
+        torch.manual_seed(opts.seed)
+        unet = inject_adapter_in_model(config, pipe.unet)
+    for name, param in unet.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_" in name:  # peft casts new adapters to the base layer's dtype: train them in float32
+            param.data = param.data.float()
+    optimizer = _optimizer([p for p in unet.parameters() if p.requires_grad], opts, device)
+    return _Run(pipe, unet, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                torch.amp.GradScaler(device.type, enabled=half == torch.float16 and device.type == "cuda"),
+                torch.Generator().manual_seed(opts.seed), texts, latents, device, half)
+
+
+def _loss(run: _Run, opts: TrainOptions, clips: list[torch.Tensor], alphas_cumprod: torch.Tensor,
+          prediction: str) -> torch.Tensor:
+    """One step's loss: epsilon (or v) MSE at a uniform timestep (+ offset noise, + MotionDirector's debiased
+    term). Every random draw depends only on (seed, step), so a resumed run makes the same ones."""
+    batch = _batch_indices(run.step, opts.batch_size, len(clips), opts.seed)
+    with torch.no_grad():
+        x0 = torch.cat([run.latents[i] if run.latents else _encode(run.pipe, clips[i].to(run.device)) for i in batch])
+    noise = torch.randn(x0.shape, generator=run.noise_gen).to(run.device)
+    if opts.offset_noise:
+        noise = noise + opts.offset_noise * torch.randn((*x0.shape[:2], 1, 1, 1), generator=run.noise_gen
+                                                        ).to(run.device)
+    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=run.noise_gen).to(run.device)
+    anchor = int(torch.randint(0, x0.shape[2], (1,), generator=run.noise_gen))
+    a = alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    run.unet.train()
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(opts.seed * 1_000_003 + run.step)  # the temporal convs' dropout, per (seed, step)
+        with torch.autocast(run.device.type, dtype=run.half, enabled=run.half is not None):
+            pred = run.unet(noisy, t, run.texts[batch]).float()
+    loss = F.mse_loss(pred, target)
+    if opts.debias:  # MotionDirector: the loss also on frames relative to one anchor frame
+        k = math.sqrt(2.0)
+        loss = loss + F.mse_loss(k * pred - pred[:, :, anchor:anchor + 1], k * target - target[:, :, anchor:anchor + 1])
+    return loss
+
+
+def _validate(run: _Run, opts: TrainOptions, frames: int, out: Path) -> None:
     from .video_io import export_to_video
+
+    run.unet.eval()
+    video = run.pipe(opts.validation_prompt, num_frames=frames, height=opts.height, width=opts.width,
+                     generator=torch.Generator().manual_seed(opts.seed)).frames[0]
+    (out / "validation").mkdir(exist_ok=True)
+    export_to_video(video, out / "validation" / f"{run.step}.mp4", fps=opts.fps,
+                    metadata={"prompt": opts.validation_prompt, "seed": opts.seed, "step": run.step})
+
+
+def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: Any) -> Path:
+    """Train a LoRA on the clips in `data`; returns DIR/pytorch_lora_weights.safetensors. Options: TrainOptions."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .schedules import alphas_cumprod as schedule_alphas
 
     unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__))
     if unknown:
@@ -272,122 +273,51 @@ def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: A
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pairs = find_clips(data, opts.prompt)
-    clips, frames = load_clips(pairs, opts)
+    clips, frames = load_clips(pairs, opts.frames, opts.fps, opts.height, opts.width)
     options_record = saved_options(opts, data, frames)
     resume_from = prepare_out(out, opts, options_record)
-    device = torch.device(resolve_device(opts.device))
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision)
-
-    pipe = TextToVideoPipeline.from_pretrained(opts.model).to(device)  # float32 master copy of the LoRA weights
-    pipe.set_progress_bar_config(disable=True)
-    pipe.unet.gradient_checkpointing = opts.gradient_checkpointing
-    if half is not None:  # the frozen models in half precision; peft keeps the LoRA weights in float32
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-            model.to(half)
-    with torch.no_grad():
-        texts = encode_text(pipe.text_encoder, pipe.tokenizer, [c for _, c in pairs], device).float()  # (N, 77, D)
-        latents = [_encode(pipe, clip.to(device)) for clip in clips] if opts.cache_latents else None
-
     alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
-    config = LoraConfig(r=opts.rank, lora_alpha=alpha, target_modules=TARGETS[opts.target], lora_dropout=0.0)
-    with torch.random.fork_rng(devices=[]):  # peft draws lora_A's initial values from the global RNG: seed it
-        torch.manual_seed(opts.seed)
-        unet = inject_adapter_in_model(config, pipe.unet)
-    for name, param in unet.named_parameters():
-        param.requires_grad_("lora_" in name)
-        if "lora_" in name:  # peft casts new adapters to the base layer's dtype: train them in float32
-            param.data = param.data.float()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, opts, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16 and device.type == "cuda")
-    noise_gen = torch.Generator().manual_seed(opts.seed)
-    alphas_cumprod = schedule_alphas(pipe.scheduler.options).to(device)
-    prediction = pipe.scheduler.options["prediction_type"]
-    step = 0
+    run = _start_run(opts, [caption for _, caption in pairs], clips, alpha)
     if resume_from is not None:
-        state_dir = resume_from
-        from safetensors.torch import load_file
-
-        adapter = {k[len("unet."):]: v for k, v in load_file(state_dir / "adapter.safetensors").items()
-                   if not k.endswith(".alpha")}
-        set_peft_model_state_dict(unet, adapter)
-        state = torch.load(state_dir / "training_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        noise_gen.set_state(state["noise_rng"])
-        step = int(state["step"])
+        run.resume(resume_from)
+    alphas_cumprod = schedule_alphas(run.pipe.scheduler.options).to(run.device)
+    prediction = run.pipe.scheduler.options["prediction_type"]
 
     def save_checkpoint() -> None:
-        _save_atomic(out / f"checkpoint-{step}", {
-            "adapter.safetensors": lora_state_dict(unet, alpha),
-            "training_state.pt": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "scaler": scaler.state_dict(), "noise_rng": noise_gen.get_state(), "step": step},
-            "options.json": options_record})
+        _save_atomic(out / f"checkpoint-{run.step}", {"adapter.safetensors": lora_state_dict(run.unet, alpha),
+                                                      "training_state.pt": run.state(), "options.json": options_record})
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=opts.steps, initial=step, disable=not opts.progress, desc="train", unit="step")
+    bar = tqdm(total=opts.steps, initial=run.step, disable=not opts.progress, desc="train", unit="step")
     log = open(out / "train_log.jsonl", "a")
     try:
-        while step < opts.steps:
+        while run.step < opts.steps:
             start = time.perf_counter()
-            batch = _batch_indices(step, opts.batch_size, len(pairs), opts.seed)
-            with torch.no_grad():
-                x0 = torch.cat([latents[i] if latents else _encode(pipe, clips[i].to(device)) for i in batch])
-            context = texts[batch]
-            noise = torch.randn(x0.shape, generator=noise_gen).to(device)
-            if opts.offset_noise:
-                noise = noise + opts.offset_noise * torch.randn((*x0.shape[:2], 1, 1, 1), generator=noise_gen
-                                                                ).to(device)
-            t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=noise_gen).to(device)
-            anchor = int(torch.randint(0, x0.shape[2], (1,), generator=noise_gen))
-            a = alphas_cumprod[t].view(-1, 1, 1, 1, 1)
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-            unet.train()
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(opts.seed * 1_000_003 + step)  # dropout's draws depend on (seed, step): resumable
-                with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                    pred = unet(noisy, t, context).float()
-            loss = F.mse_loss(pred, target)
-            if opts.debias:  # MotionDirector: the loss also on frames relative to one anchor frame
-                k = math.sqrt(2.0)
-                loss = loss + F.mse_loss(k * pred - pred[:, :, anchor:anchor + 1],
-                                         k * target - target[:, :, anchor:anchor + 1])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            log.write(json.dumps({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+            loss = _loss(run, opts, clips, alphas_cumprod, prediction)
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.scheduler.step()
+            run.step += 1
+            log.write(json.dumps({"step": run.step, "loss": loss.item(), "lr": run.scheduler.get_last_lr()[0],
                                   "seconds": round(time.perf_counter() - start, 4), "time": round(time.time(), 3)})
                       + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             bar.update()
-            if step % opts.checkpoint_every == 0 or step == opts.steps:
+            if run.step % opts.checkpoint_every == 0 or run.step == opts.steps:
                 save_checkpoint()
-            if opts.validation_prompt and (step % opts.validation_every == 0 or step == opts.steps):
-                unet.eval()
-                video = pipe(opts.validation_prompt, num_frames=frames, height=opts.height, width=opts.width,
-                             generator=torch.Generator().manual_seed(opts.seed)).frames[0]
-                (out / "validation").mkdir(exist_ok=True)
-                export_to_video(video, out / "validation" / f"{step}.mp4", fps=opts.fps,
-                                metadata={"prompt": opts.validation_prompt, "seed": opts.seed, "step": step})
+            if opts.validation_prompt and (run.step % opts.validation_every == 0 or run.step == opts.steps):
+                _validate(run, opts, frames, out)
     except KeyboardInterrupt:
         save_checkpoint()  # Ctrl-C: keep what was trained, resume later with --resume
         raise
     finally:
         log.close()
         bar.close()
-    from safetensors.torch import save_file
-
     final = out / "pytorch_lora_weights.safetensors"
     with atomic_file(final, suffix=".safetensors") as tmp:
-        save_file(lora_state_dict(unet, alpha), tmp, metadata={"format": "pt", "target": opts.target})
+        save_file(lora_state_dict(run.unet, alpha), tmp, metadata={"format": "pt", "target": opts.target})
     return final
 
 

@@ -75,25 +75,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -> FastAPI:
-    """The app around a job store and one loaded pipeline per device (one worker thread each)."""
-    base = {"model": settings.model, **settings.video_metadata}
-    workers = [Worker(store, pipe, str(getattr(pipe, "device", i)), base) for i, pipe in enumerate(pipes)]
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store.recover()
-        for worker in workers:
-            worker.start()
-        yield
-        for worker in workers:
-            worker.stop()
-        for worker in workers:
-            worker.join(timeout=10)
-
-    app = FastAPI(title="vidfusion", version="0.1.0", lifespan=lifespan,
-                  description="Text-to-video jobs: submit, watch progress, download the mp4.")
-    app.state.store = store
+def _token_check(settings: ServeSettings):
+    """The /v1 dependency: a bearer token when the server has one (compared in constant time)."""
 
     def require_token(authorization: str | None = Header(default=None)) -> None:
         if settings.token is None:
@@ -103,7 +86,53 @@ def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -
             raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    return require_token
+
+
+def video_params(body: VideoRequest, settings: ServeSettings) -> dict[str, Any]:
+    """A request's parameters with this server's defaults filled in (size; steps and guidance of its sampler) and
+    its limits checked (422 naming the field)."""
+    params = body.model_dump()
+    params["height"] = params["height"] or settings.default_height
+    params["width"] = params["width"] or settings.default_width
+    defaults = settings.sampler_defaults.get(params["sampler"] or "")
+    if defaults is None:
+        raise _field_error("sampler", f"sampler {params['sampler']!r} does not run on this server's model; "
+                                      f"choose one of: {', '.join(s for s in settings.sampler_defaults if s)}")
+    if params["num_inference_steps"] is None:
+        params["num_inference_steps"] = defaults[0]
+    if params["guidance_scale"] is None:
+        params["guidance_scale"] = defaults[1]
+    if params["num_frames"] > settings.max_frames:
+        raise _field_error("num_frames", f"num_frames must be at most {settings.max_frames} on this server")
+    if params["height"] * params["width"] > settings.max_pixels:
+        raise _field_error("height", f"height x width = {params['height'] * params['width']} pixels; this "
+                                     f"server allows at most {settings.max_pixels} per frame")
+    return params
+
+
+async def _job_events(store: JobStore, job_id: str, request: Request) -> AsyncIterator[str]:
+    """Server-sent events: the job's JSON whenever its status or step changes, until it is finished."""
+    last, idle, n = None, 0.0, 0
+    while True:
+        job = store.get(job_id)
+        state = (job.status, job.step, job.total)
+        if state != last:
+            n += 1
+            yield f"id: {n}\ndata: {json.dumps(job.to_json())}\n\n"
+            last, idle = state, 0.0
+        if job.status in FINISHED or await request.is_disconnected():
+            return
+        await asyncio.sleep(0.1)
+        idle += 0.1
+        if idle >= 15:
+            yield ": keep-alive\n\n"
+            idle = 0.0
+
+
+def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
+    """The REST jobs API under /v1."""
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_token_check(settings))])
 
     def find(job_id: str):
         job = store.get(job_id)
@@ -114,24 +143,8 @@ def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -
     @api.post("/videos", status_code=202)
     def create_video(body: VideoRequest,
                      idempotency_key: str | None = Header(default=None, max_length=200)) -> dict[str, Any]:
-        params = body.model_dump()
-        params["height"] = params["height"] or settings.default_height
-        params["width"] = params["width"] or settings.default_width
-        defaults = settings.sampler_defaults.get(params["sampler"] or "")
-        if defaults is None:
-            raise _field_error("sampler", f"sampler {params['sampler']!r} does not run on this server's model; "
-                                          f"choose one of: {', '.join(s for s in settings.sampler_defaults if s)}")
-        if params["num_inference_steps"] is None:
-            params["num_inference_steps"] = defaults[0]
-        if params["guidance_scale"] is None:
-            params["guidance_scale"] = defaults[1]
-        if params["num_frames"] > settings.max_frames:
-            raise _field_error("num_frames", f"num_frames must be at most {settings.max_frames} on this server")
-        if params["height"] * params["width"] > settings.max_pixels:
-            raise _field_error("height", f"height x width = {params['height'] * params['width']} pixels; this "
-                                         f"server allows at most {settings.max_pixels} per frame")
         try:
-            job, _ = store.submit(params, idempotency_key, settings.max_queue)
+            job, _ = store.submit(video_params(body, settings), idempotency_key, settings.max_queue)
         except QueueFullError as exc:
             raise HTTPException(429, f"queue is full: {exc}; retry later", headers={"Retry-After": "10"}) from None
         except IdempotencyConflictError as exc:
@@ -183,28 +196,32 @@ def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -
     @api.get("/videos/{job_id}/events")
     async def video_events(job_id: str, request: Request) -> StreamingResponse:
         find(job_id)
-
-        async def stream() -> AsyncIterator[str]:
-            last, idle, n = None, 0.0, 0
-            while True:
-                job = store.get(job_id)
-                state = (job.status, job.step, job.total)
-                if state != last:
-                    n += 1
-                    yield f"id: {n}\ndata: {json.dumps(job.to_json())}\n\n"
-                    last, idle = state, 0.0
-                if job.status in FINISHED or await request.is_disconnected():
-                    return
-                await asyncio.sleep(0.1)
-                idle += 0.1
-                if idle >= 15:
-                    yield ": keep-alive\n\n"
-                    idle = 0.0
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(_job_events(store, job_id, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    app.include_router(api)
+    return api
+
+
+def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -> FastAPI:
+    """The app around a job store and one loaded pipeline per device (one worker thread each)."""
+    base = {"model": settings.model, **settings.video_metadata}
+    workers = [Worker(store, pipe, str(getattr(pipe, "device", i)), base) for i, pipe in enumerate(pipes)]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store.recover()
+        for worker in workers:
+            worker.start()
+        yield
+        for worker in workers:
+            worker.stop()
+        for worker in workers:
+            worker.join(timeout=10)
+
+    app = FastAPI(title="vidfusion", version="0.1.0", lifespan=lifespan,
+                  description="Text-to-video jobs: submit, watch progress, download the mp4.")
+    app.state.store = store
+    app.include_router(_jobs_api(store, settings))
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

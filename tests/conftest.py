@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -9,31 +11,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from vidfusion import config
 from vidfusion.random_checkpoint import PUBLISHED_SCHEDULER, write_clip_tokenizer
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
-TINY_UNET = dict(
-    sample_size=8,
-    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    norm_num_groups=8,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-)
-TINY_VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=32,
-)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
-                 vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+def _diffusers_kwargs(cfg, cls) -> dict:
+    """A vidfusion config dataclass as keyword arguments of the diffusers model class (its config.json keys)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items() if k in accepted}
+
+
+def _tiny_kwargs():
+    """The tiny preset of vidfusion.config (the one definition of the tiny shapes), as diffusers / transformers
+    arguments; the test UNet uses 8-dimensional heads (4 in the preset) so both head layouts are exercised."""
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+
+    unet = {**_diffusers_kwargs(config.TINY_UNET, UNet3DConditionModel), "attention_head_dim": 8}
+    clip = {k: v for k, v in config.TINY_TEXT_ENCODER.items() if k not in ("architectures", "model_type")}
+    return unet, _diffusers_kwargs(config.TINY_VAE, AutoencoderKL), clip
+
+
+TINY_UNET, TINY_VAE, TINY_CLIP = _tiny_kwargs()
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

@@ -415,7 +415,8 @@ class TextToVideoPipeline:
 
 
 class TextToVideoSDPipeline(TextToVideoPipeline):
-    """diffusers' name, so that scripts switch by changing their imports: everything as TextToVideoPipeline,
-    but long clips run all frames at once (no windows unless window_size is passed), as diffusers does."""
+    """diffusers' name, so that scripts switch by changing their imports. It differs from TextToVideoPipeline only
+    by windowing: clips longer than 24 frames also run all frames at once (no windows unless window_size is
+    passed), as diffusers does."""
 
     windows_by_default = False

@@ -131,4 +131,5 @@ class VideoToVideoPipeline(TextToVideoPipeline):
 
 
 class VideoToVideoSDPipeline(VideoToVideoPipeline):
-    """diffusers' name, so that scripts switch by changing their imports."""
+    """diffusers' name, so that scripts switch by changing their imports. Identical to VideoToVideoPipeline (which
+    already runs every frame at once unless window_size is given, as diffusers does)."""

@@ -86,7 +86,7 @@ class LoraFile:
     peft_config: dict[str, Any] | None = None
 
 
-def _choose_file(folder: Path, names: list[str], where: str) -> str:
+def _choose_file(names: list[str], where: str) -> str:
     candidates = sorted(n for n in names if n.endswith(LORA_FILE_SUFFIXES))
     for preferred in PREFERRED_NAMES:
         if preferred in candidates:
@@ -114,7 +114,7 @@ def read_lora_file(path_or_hub_id: str | Path, weight_name: str | None = None) -
             raise LoraError(f"{path} does not exist")
     if path.is_dir():
         names = [p.name for p in path.iterdir() if p.is_file()]
-        path = path / _choose_file(path, names, str(path))
+        path = path / _choose_file(names, str(path))
     content, metadata = read_state_file(path, error=LoraError, what="LoRA file ")
     config_path = path.parent / "adapter_config.json"
     config = None
@@ -138,7 +138,7 @@ def _hub_download(repo_id: str, weight_name: str | None) -> Path:
             folder = (weight_name or "").strip("/")
             prefix = folder + "/" if folder else ""
             inside = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
-            chosen.append(prefix + _choose_file(Path(folder), inside, f"{repo_id}/{folder}"))
+            chosen.append(prefix + _choose_file(inside, f"{repo_id}/{folder}"))
         config = chosen[0].rpartition("/")[0] + ("/" if "/" in chosen[0] else "") + "adapter_config.json"
         return [chosen[0]] + ([config] if config in files else [])
 
@@ -218,7 +218,7 @@ def _split_component(name: str) -> tuple[str, str]:
     return "unet", name
 
 
-def _collect(pairs: dict[str, dict[str, torch.Tensor]], index: AdaptableLayers, fmt: str, source: str,
+def _collect(pairs: dict[str, dict[str, torch.Tensor]], fmt: str, source: str,
              scale_of, resolve) -> dict[str, LoraLayer]:
     layers, unmatched, incomplete = {}, [], []
     for module, parts in pairs.items():
@@ -284,8 +284,8 @@ def _from_state_dict(lora: LoraFile, index: AdaptableLayers, fmt: str) -> dict[s
         return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
     if fmt == "kohya":
-        return _collect(pairs, index, fmt, lora.source, scale_of, index.underscored.get)
-    return _collect(pairs, index, fmt, lora.source, scale_of, lambda m: index.resolve(*_split_component(m)))
+        return _collect(pairs, fmt, lora.source, scale_of, index.underscored.get)
+    return _collect(pairs, fmt, lora.source, scale_of, lambda m: index.resolve(*_split_component(m)))
 
 
 def _from_stable_lora(lora: LoraFile, index: AdaptableLayers) -> dict[str, LoraLayer]:
@@ -308,7 +308,7 @@ def _from_stable_lora(lora: LoraFile, index: AdaptableLayers) -> dict[str, LoraL
         name = unet_name_to_diffusers(module.removeprefix("model.diffusion_model."), cfg)
         return None if name is None else index.resolve("unet", name)
 
-    layers = _collect(pairs, index, "stable-lora", lora.source, lambda m, p: 1.0, resolve)
+    layers = _collect(pairs, "stable-lora", lora.source, lambda m, p: 1.0, resolve)
     for path, layer in layers.items():
         weight = index.layers[path].weight
         if weight.dim() == 4:

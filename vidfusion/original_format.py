@@ -183,7 +183,7 @@ def clip_to_openclip(state: dict[str, torch.Tensor], extra: dict[str, torch.Tens
     layers = _count(state, r"encoder\.layers\.(\d+)\.", "text encoder")
     inverse = {}
     for key in state:
-        for candidate in _openclip_candidates(key, layers):
+        for candidate in _openclip_candidates(key):
             if clip_name_to_transformers(candidate, layers) in (key, _qkv_template(key)):
                 inverse[key] = candidate
                 break
@@ -207,7 +207,7 @@ def _qkv_template(key: str) -> str:
     return re.sub(r"self_attn\.[qkv]_proj\.", "self_attn.{qkv}_proj.", key)
 
 
-def _openclip_candidates(key: str, layers: int) -> list[str]:
+def _openclip_candidates(key: str) -> list[str]:
     m = re.match(r"encoder\.layers\.(\d+)\.(.+)$", key)
     if m is None:
         return ["token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias"]
@@ -332,8 +332,8 @@ def load_original(folder: Path, dtype: torch.dtype, vae: str | os.PathLike | Non
     except ConversionError as exc:
         raise CheckpointError(str(exc)) from None
     unet = build_unet(unet_cfg, state, dtype, str(unet_file))
-    text, tokenizer = _original_text(folder, config, dtype, text_encoder)
-    return {"unet": unet, "vae": _original_vae(folder, config, dtype, vae), "text_encoder": text,
+    text, tokenizer = _original_text(folder, dtype, text_encoder)
+    return {"unet": unet, "vae": _original_vae(folder, dtype, vae), "text_encoder": text,
             "tokenizer": tokenizer, "scheduler_config": scheduler_config_from(config["cfg"])}
 
 
@@ -357,7 +357,7 @@ def _other_source(source: str | os.PathLike) -> tuple[str, Path]:
     return "diffusers", resolve_checkpoint(source)
 
 
-def _original_vae(folder: Path, config: dict[str, Any], dtype: torch.dtype, source) -> nn.Module:
+def _original_vae(folder: Path, dtype: torch.dtype, source) -> nn.Module:
     kind, path = ("original", folder) if source is None else _other_source(source)
     if kind == "diffusers":
         return load_vae(path / "vae", dtype)
@@ -372,7 +372,7 @@ def _original_vae(folder: Path, config: dict[str, Any], dtype: torch.dtype, sour
     return build_vae(cfg, state, dtype, str(path))
 
 
-def _original_text(folder: Path, config: dict[str, Any], dtype: torch.dtype, source):
+def _original_text(folder: Path, dtype: torch.dtype, source):
     kind, path = ("original", folder) if source is None else _other_source(source)
     if kind == "diffusers":
         return load_text_encoder(path / "text_encoder", dtype), load_tokenizer(path / "tokenizer")

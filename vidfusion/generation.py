@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .long_video import check_keyframes, check_window, default_window
-from .noise import free_init_filter, mix_frequencies, randn
+from .noise import check_noise_prior, free_init_filter, mix_frequencies, randn
 from .sampling import SAMPLERS
 from .schedules import NoiseSchedule, step_defaults
 
@@ -74,6 +74,7 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                                       steps, guidance_scale, call["eta"], call["output_type"], call["callback_steps"])
     check_positive_ints(num_videos_per_prompt=call["num_videos_per_prompt"],
                         free_init_iterations=call["free_init_iterations"])
+    check_noise_prior(call["noise_prior"], call["base_noise_ratio"])
     window_size, loop = call["window_size"], call["loop"]
     if isinstance(window_size, int) and window_size > num_frames and not loop:
         raise ValueError(f"window_size={window_size} is larger than num_frames={num_frames}; leave it out for "
@@ -108,13 +109,23 @@ class Stopped(Exception):
 class StepReporter:
     """The samplers' per-step callback: progress bar, the legacy `callback(step, t, latents)` every
     `callback_steps`, `callback_on_step_end(pipe, step, t, {"latents"})` (may replace the latents or stop) and
-    `pipe.interrupt()`. `offset` numbers steps on across FreeInit passes."""
+    `pipe.interrupt()`. `offset` numbers steps on across FreeInit passes. The progress bar appears when sampling
+    starts (`start()`), so an input error found before prints one line only."""
 
-    def __init__(self, pipe: Any, progress: Any, callback: Callable | None, callback_steps: int,
-                 on_step_end: Callable | None):
-        self.pipe, self.progress, self.callback, self.every, self.on_step_end = (pipe, progress, callback,
-                                                                                 callback_steps, on_step_end)
+    def __init__(self, pipe: Any, total: int, bar_options: dict[str, Any], callback: Callable | None,
+                 callback_steps: int, on_step_end: Callable | None):
+        self.pipe, self.callback, self.every, self.on_step_end = pipe, callback, callback_steps, on_step_end
+        self.total, self.bar_options, self.progress = total, bar_options, None
         self.offset = 0
+
+    def start(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.progress = tqdm(total=self.total, **self.bar_options)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
     def __call__(self, step: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.progress.update()

@@ -53,19 +53,24 @@ def video_noise_sampler(shape: tuple[int, ...], generator: Generator, device: to
 NOISE_PRIORS = ("iid", "videofusion")
 
 
+def check_noise_prior(prior: str, base_noise_ratio: float) -> None:
+    """A clear error for an unknown prior, or a VideoFusion ratio outside [0, 1]."""
+    if prior not in NOISE_PRIORS:
+        raise ValueError(f"noise_prior must be one of {', '.join(NOISE_PRIORS)}, got {prior!r}")
+    if prior != "iid" and (not isinstance(base_noise_ratio, (int, float)) or not 0 <= base_noise_ratio <= 1):
+        raise ValueError(f"base_noise_ratio must be a number in [0, 1], got {base_noise_ratio!r}")
+
+
 def initial_noise(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype,
                   prior: str = "iid", base_noise_ratio: float = 0.5) -> torch.Tensor:
     """Initial latents (B, C, F, H, W). "iid": independent per frame (diffusers). "videofusion": the
     VideoFusion decomposition, per-frame noise = sqrt(l) * base + sqrt(1 - l) * residual_f with one base
     noise shared by all frames of a video; unit variance, frames correlated by l. The residual is drawn
     first, so l = 0 gives exactly the iid noise of the same seed."""
-    if prior not in NOISE_PRIORS:
-        raise ValueError(f"noise_prior must be one of {', '.join(NOISE_PRIORS)}, got {prior!r}")
+    check_noise_prior(prior, base_noise_ratio)
     noise = randn(shape, generator, device, dtype)
     if prior == "iid":
         return noise
-    if not isinstance(base_noise_ratio, (int, float)) or not 0 <= base_noise_ratio <= 1:
-        raise ValueError(f"base_noise_ratio must be a number in [0, 1], got {base_noise_ratio!r}")
     b, c, _, h, w = shape
     base = randn((b, c, 1, h, w), generator, device, dtype)
     return base_noise_ratio**0.5 * base + (1 - base_noise_ratio) ** 0.5 * noise

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import LoraAdapters
 from .checkpoints import load_checkpoint
@@ -321,12 +320,12 @@ class TextToVideoPipeline:
         del call["self"]
         plan = make_plan(self, call)  # 1. every setting resolved and checked
         context, batch = self._encode(plan, prompt_embeds, negative_prompt_embeds, clip_skip)  # 2. text, once
-        progress = tqdm(total=plan.steps * plan.free_init_iterations, **self._progress)
-        reporter = StepReporter(self, progress, callback, callback_steps, callback_on_step_end)
+        reporter = StepReporter(self, plan.steps * plan.free_init_iterations, self._progress, callback, callback_steps,
+                                callback_on_step_end)
         try:  # 3. noise -> sampler loop
             x = self._denoise(plan, context, batch, generator, latents, reporter)
         finally:
-            progress.close()
+            reporter.close()
             self._interrupted = False
         video = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)  # 4. frames
         self._offload.release(self._models())
@@ -374,6 +373,7 @@ class TextToVideoPipeline:
                             plan.num_frames, plan.window_size, plan.window_stride, plan.loop)
         noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)
         previous_freeu, self.unet.freeu = self.unet.freeu, plan.freeu
+        reporter.start()
         try:
             return sample_with_free_init(model_fn, x, plan, reporter, noise_sampler, generator, noise_dtype, start)
         except Stopped as stopped:

@@ -405,3 +405,23 @@ def test_peft_config_alpha_and_rank_patterns_scale(pipe, ref, tmp_path):
         pipe.load_lora_weights(folder)
         assert_same_video(pipe, ref, {p: standard_delta(u, d, s) for (p, (u, d)), s in zip(factors.items(), scales)})
         pipe.unload_lora_weights()
+
+
+def test_cross_attention_kwargs_scale_is_set_adapters_for_one_call(pipe, ref, tmp_path):
+    """diffusers' cross_attention_kwargs={"scale": s}: the same video as set_adapters with the weights times s (and
+    as diffusers with the LoRA merged at s), the weights back afterwards; other keys are an error naming the one
+    supported. Catches a scale that is ignored, or one that sticks after the call."""
+    factors = random_factors(ref, [f"unet.{m}" for m in UNET_MODULES[:6]], seed=11)
+    save_file({f"unet.{p[5:]}.lora_{r}.weight": t for p, (up, down) in factors.items()
+               for r, t in (("A", down), ("B", up))}, tmp_path / "s.safetensors")
+    name = pipe.load_lora_weights(tmp_path / "s.safetensors", scale=0.8)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    scaled = ours_video(pipe, output_type="latent", cross_attention_kwargs={"scale": 0.5})
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the 0.8 weights are back
+    pipe.set_adapters(name, 0.4)
+    assert torch.equal(scaled, ours_video(pipe, output_type="latent"))
+    assert_same_video(pipe, ref, {p: standard_delta(u, d, 0.4) for p, (u, d) in factors.items()})
+    with pytest.raises(ValueError, match="supported: scale"):
+        ours_video(pipe, cross_attention_kwargs={"attention_op": None})
+    pipe.unload_lora_weights()

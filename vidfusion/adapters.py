@@ -8,7 +8,9 @@ it, and unloading restores it bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,21 @@ class LoraAdapters:
                 parent = models[component].get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
                 if isinstance(parent, Upsample):
                     fuse_upsample_convs(parent)  # its phase kernels are computed from the 3x3 weight
+
+    @contextlib.contextmanager
+    def scaled(self, models: dict[str, nn.Module], scale: float | None) -> Iterator[None]:
+        """The active (unfused) adapters at `scale` times their weights for the duration (diffusers'
+        cross_attention_kwargs={"scale": s}); their weights come back afterwards, whatever happens."""
+        if scale is None or scale == 1.0 or not self.active:
+            yield
+            return
+        _check_weight(scale, "cross_attention_kwargs['scale']")
+        weights = dict(self.active)
+        self.set_adapters(models, list(weights), [w * scale for w in weights.values()])
+        try:
+            yield
+        finally:
+            self.set_adapters(models, list(weights), list(weights.values()))
 
     def applied(self) -> list[str]:
         return [n for n in {**self.active, **self.fused} if n in self.adapters]

@@ -213,6 +213,8 @@ def _generate(args: argparse.Namespace) -> list[str]:
                    eta=args.eta, height=args.height, width=args.width)
     if args.guidance is not None:
         options["guidance_scale"] = args.guidance
+    if args.lora_scale is not None:
+        options["cross_attention_kwargs"] = {"scale": args.lora_scale}
     if not upscale:
         options.update(window_size=args.window_size, window_stride=args.window_stride, loop=args.loop,
                        noise_prior=args.noise_prior, base_noise_ratio=args.base_noise_ratio,

@@ -47,6 +47,7 @@ class Plan:
     base_noise_ratio: float
     eta: float
     output_type: str
+    lora_scale: float | None = None  # cross_attention_kwargs["scale"]: the active LoRAs' weights times this
 
     def sampler_options(self) -> dict[str, Any]:
         """Keyword options of the sampler beyond the shared signature (eta where it takes one)."""
@@ -75,6 +76,7 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
     check_positive_ints(num_videos_per_prompt=call["num_videos_per_prompt"],
                         free_init_iterations=call["free_init_iterations"])
     check_noise_prior(call["noise_prior"], call["base_noise_ratio"])
+    lora_scale = check_cross_attention_kwargs(call["cross_attention_kwargs"])
     window_size, loop = call["window_size"], call["loop"]
     if isinstance(window_size, int) and window_size > num_frames and not loop:
         raise ValueError(f"window_size={window_size} is larger than num_frames={num_frames}; leave it out for "
@@ -95,7 +97,28 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 window_stride=stride, loop=loop,
                 freeu=pipe._freeu if call["freeu"] is None else check_freeu(call["freeu"]),
                 free_init_iterations=call["free_init_iterations"], low_pass=low_pass, noise_prior=call["noise_prior"],
-                base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"])
+                base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"],
+                lora_scale=lora_scale)
+
+
+CROSS_ATTENTION_KWARGS = ("scale",)
+
+
+def check_cross_attention_kwargs(kwargs: dict[str, Any] | None) -> float | None:
+    """diffusers' cross_attention_kwargs: {"scale": s} scales the active LoRA adapters for the call; other keys
+    (attention processor options diffusers passes through) are not supported here and are an error."""
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"cross_attention_kwargs must be a dict such as {{'scale': 0.6}}, got {kwargs!r}")
+    unknown = sorted(set(kwargs) - set(CROSS_ATTENTION_KWARGS))
+    if unknown:
+        raise ValueError(f"cross_attention_kwargs: unsupported key(s) {', '.join(map(repr, unknown))}; supported: "
+                         f"{', '.join(CROSS_ATTENTION_KWARGS)} (the LoRA scale)")
+    scale = kwargs.get("scale")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+        raise ValueError(f"cross_attention_kwargs['scale'] must be a number, got {scale!r}")
+    return None if scale is None else float(scale)
 
 
 class Stopped(Exception):

@@ -312,6 +312,7 @@ class TextToVideoPipeline:
         free_init_filter: str = "butterworth",
         free_init_spatial: float = 0.25,
         free_init_temporal: float = 0.25,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> TextToVideoOutput | tuple:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
         num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
@@ -319,11 +320,12 @@ class TextToVideoPipeline:
         call = dict(locals())
         del call["self"]
         plan = make_plan(self, call)  # 1. every setting resolved and checked
-        context, batch = self._encode(plan, prompt_embeds, negative_prompt_embeds, clip_skip)  # 2. text, once
         reporter = StepReporter(self, plan.steps * plan.free_init_iterations, self._progress, callback, callback_steps,
                                 callback_on_step_end)
-        try:  # 3. noise -> sampler loop
-            x = self._denoise(plan, context, batch, generator, latents, reporter)
+        try:  # 2. text, once -> 3. noise and the sampler loop (LoRAs at cross_attention_kwargs' scale meanwhile)
+            with self._lora.scaled(self._adapter_models(), plan.lora_scale):
+                context, batch = self._encode(plan, prompt_embeds, negative_prompt_embeds, clip_skip)
+                x = self._denoise(plan, context, batch, generator, latents, reporter)
         finally:
             reporter.close()
             self._interrupted = False

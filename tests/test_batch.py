@@ -136,3 +136,12 @@ def test_resume_after_kill_9_of_the_driver(tiny_checkpoint, tmp_path):
     assert all(r["status"] == "succeeded" for r in lines)
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.jsonl"] + [f"r{i}.mp4" for i in range(6)])
     assert all((out / f"{i}.mp4").stat().st_mtime_ns == t for i, t in first.items())  # not made twice
+
+
+def test_rows_can_be_smoothed_with_interpolate_fps(tiny_checkpoint, tmp_path):
+    """A row's interpolate_fps: 4 frames at 8 fps -> 8 frames at 16 fps, recorded in the file and the manifest."""
+    rows = [{"id": "smooth", "prompt": "a cat", **SMALL, "num_frames": 4, "interpolate_fps": 16, "seed": 1}]
+    (record,) = run(rows, tmp_path / "out", model=str(tiny_checkpoint), progress=False)
+    assert record["status"] == "succeeded" and record["params"]["interpolate_fps"] == 16
+    frames = read_video(record["path"])
+    assert len(frames) == 8 and read_metadata(record["path"])["interpolate_fps"] == 16

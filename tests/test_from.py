@@ -40,7 +40,8 @@ KINDS = {
     "long-looping": ["generate", "waves", "--frames", "12", "--window-size", "6", "--window-stride", "2", "--loop",
                      "--steps", "2", "--height", "16", "--width", "16"],
     "keyframes": ["generate", "a cat", "--keyframe", "2:a dog", *SMALL],
-    "lora": ["generate", "a cat", "--lora", "LORA:0.7", *SMALL],
+    "lora": ["generate", "a cat", "--lora", "LORA:0.7", "--lora-scale", "0.5", *SMALL],
+    "interpolated": ["generate", "a cat", "--interpolate-fps", "24", *SMALL],
 }
 # what each kind must record (besides prompt, seed, model): the values that ran, not the parser's defaults
 EXPECTED = {
@@ -49,7 +50,8 @@ EXPECTED = {
     "upscale": {"guidance_scale": 15.0, "height": 48, "width": 64, "num_frames": 4, "strength": 0.6, "fps": 6},
     "long-looping": {"loop": True, "window_size": 6, "window_stride": 2, "num_frames": 12},
     "keyframes": {"keyframes": ["2:a dog"]},
-    "lora": {"loras": [{"path": "LORA", "weight": 0.7}]},
+    "lora": {"loras": [{"path": "LORA", "weight": 0.7}], "lora_scale": 0.5},
+    "interpolated": {"fps": 8, "interpolate_fps": 24},
 }
 
 
@@ -64,7 +66,7 @@ def test_from_remakes_the_same_file(kind, tiny_checkpoint, inputs, tmp_path):
     meta = read_metadata(first)
     expected = {k: (inputs["LORA"] if v == "LORA" else v) for k, v in EXPECTED[kind].items()}
     if kind == "lora":
-        expected = {"loras": [{"path": inputs["LORA"], "weight": 0.7}]}
+        expected = {"loras": [{"path": inputs["LORA"], "weight": 0.7}], "lora_scale": 0.5}
     assert {k: meta.get(k) for k in expected} == expected, meta
     assert meta["seed"] == 5 and meta["model"] == str(tiny_checkpoint)
     assert ("strength" in meta) == (kind in ("video-to-video", "upscale"))  # only what applies

@@ -305,3 +305,20 @@ def test_a_job_interrupted_3_times_fails_instead_of_running_forever(tmp_path):
     other, _ = store.submit({"prompt": "fine"})
     store.claim()
     assert store.recover() == [other.id] and store.get(other.id).status == QUEUED
+
+
+def test_interpolate_fps_field(server, tmp_path):
+    """The service's interpolate_fps: 4 frames at 8 fps come back as 8 frames at 16 fps, recorded in the file."""
+    from vidfusion.video_io import read_metadata
+
+    with server.client() as c:
+        body = {**SMALL, "num_frames": 4, "prompt": "smooth", "seed": 2, "fps": 8}
+        assert c.post("/v1/videos", json={**body, "interpolate_fps": 8}).status_code == 422  # not above fps
+        job = c.post("/v1/videos", json={**body, "interpolate_fps": 16}).json()
+        assert wait_for(c, job["id"])["status"] == "succeeded"
+        content = c.get(f"/v1/videos/{job['id']}/content").content
+    frames, fps = decode(content, tmp_path)
+    assert len(frames) == 8 and fps == 16
+    path = tmp_path / "s.mp4"
+    path.write_bytes(content)
+    assert read_metadata(path)["interpolate_fps"] == 16

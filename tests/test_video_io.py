@@ -174,3 +174,21 @@ def test_gif_palette_is_made_from_the_video(tmp_path):
     new_db = np.mean([psnr(a, b) for a, b in zip(source, new)])
     old_db = np.mean([psnr(a, b) for a, b in zip(source, old)])
     assert new_db >= old_db + 10, (old_db, new_db)
+
+
+def test_interpolate_fps_keeps_the_originals_and_the_duration(tmp_path):
+    """16 frames at 8 fps -> 48 at 24 fps (ffmpeg's minterpolate): every third frame is an original (within codec
+    tolerance), the ones between are new, the duration is the same. Catches frame duplication or a changed length."""
+    video = np.zeros((16, 64, 96, 3), np.float32)
+    for t in range(16):
+        video[t, 20:40, 5 + 4 * t:25 + 4 * t] = 0.8  # a square moving right
+    path = export_to_video(video, tmp_path / "smooth.mp4", fps=8, interpolate_fps=24, metadata={"x": 1})
+    _, _, fps, frames = probe(path)
+    assert fps == pytest.approx(24) and len(frames) == 48  # 2 s, as the 16 frames at 8 fps
+    source = (video * 255).round()
+    assert max(np.abs(frames[3 * k].astype(float) - source[k]).mean() for k in range(16)) < 3
+    between = np.abs(frames[1].astype(float) - frames[0]).mean()
+    assert between > 0.3  # an in-between frame is neither copy: the square has moved
+    assert np.abs(frames[1].astype(float) - frames[3]).mean() > 0.3
+    with pytest.raises(ValueError, match="interpolate_fps"):
+        export_to_video(video, tmp_path / "bad.mp4", fps=8, interpolate_fps=8)

@@ -25,7 +25,7 @@ from .schedules import SAMPLER_NAMES
 
 FIELDS = {"id": str, "prompt": str, "negative_prompt": str, "seed": int, "num_frames": int, "height": int,
           "width": int, "num_inference_steps": int, "guidance_scale": float, "sampler": str, "fps": int,
-          "format": str}
+          "format": str, "interpolate_fps": int}
 FORMATS = ("mp4", "webm", "gif")
 MANIFEST = "manifest.jsonl"
 # errors that are the row's own fault: recorded at once, never retried
@@ -111,7 +111,7 @@ def _check_row(number: int, row: dict[str, Any]) -> dict[str, Any]:
 # ---- one row --------------------------------------------------------------------------------------------------
 
 def generation_kwargs(row: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline arguments of a row (everything but id, seed, fps, format)."""
+    """The pipeline arguments of a row (everything but id, seed, fps, interpolate_fps, format)."""
     keys = ("negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "sampler")
     return {k: row[k] for k in keys if row.get(k) is not None}
 
@@ -134,7 +134,8 @@ def render_row(pipe, row: dict[str, Any], metadata: dict[str, Any]) -> tuple[byt
     frames = output.frames[0]
     settings = video_settings(output.settings, {**row, "fps": fps}, **metadata, id=row["id"])
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_to_video(frames, Path(tmp) / f"video.{fmt}", fps=fps, metadata=settings)
+        path = export_to_video(frames, Path(tmp) / f"video.{fmt}", fps=fps, metadata=settings,
+                               interpolate_fps=row.get("interpolate_fps"))
         return Path(path).read_bytes(), {**settings, "format": fmt}
 
 

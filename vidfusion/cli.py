@@ -149,7 +149,8 @@ def _metadata(args: argparse.Namespace, ran: dict, seed: int, fps: int) -> dict:
     if args.command == "upscale":
         values["init_video"] = args.video
     extra = {key: values.get(attr) for key, attr in CLI_ARGUMENTS.items() if key not in RAN_KEYS + REQUEST_KEYS}
-    request = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "fps": fps}
+    request = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "fps": fps,
+               "interpolate_fps": args.interpolate_fps}
     return video_settings(ran, request, **extra)
 
 
@@ -229,7 +230,8 @@ def _generate(args: argparse.Namespace) -> list[str]:
     if init_video:
         options.update(video=init_video, strength=args.strength)
     output = pipe(prompt, negative_prompt=args.negative_prompt, generator=generator, **options)
-    paths = [export_to_video(clip, path, fps=fps, metadata=_metadata(args, output.settings, seed + i, fps))
+    paths = [export_to_video(clip, path, fps=fps, interpolate_fps=args.interpolate_fps,
+                             metadata=_metadata(args, output.settings, seed + i, fps))
              for i, (clip, path) in enumerate(zip(output.frames, _output_paths(out, videos)))]
     seeds = f"{seed}" if videos == 1 else f"{seed}..{seed + videos - 1} (one per video)"
     print(f"vidfusion: seed {seeds}; remake with --seed or --from {paths[0]}", file=sys.stderr)

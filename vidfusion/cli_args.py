@@ -173,6 +173,8 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
     p.add_argument("--vae-slicing", action="store_true")
     p.add_argument("--vae-tiling", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--interpolate-fps", type=int, default=None, metavar="FPS",
+                   help="smooth the video to this frame rate (motion-compensated; the original frames are kept)")
     p.add_argument("--lora-scale", type=float, default=None,
                    help="the LoRAs' weights times this for this video (diffusers' cross_attention_kwargs scale)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE blocks (GPU; slow 1st call)")

@@ -13,12 +13,13 @@ from typing import Any
 
 # TextToVideoOutput.settings: what ran (these win over anything a writer passes)
 RAN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "strength")
-REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "fps")
+REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "fps", "interpolate_fps")
 # metadata key -> `vidfusion generate` argument (dest), for writing from and reading back into the command line
 CLI_ARGUMENTS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "keyframes": "keyframe", "seed": "seed",
     "sampler": "sampler", "num_inference_steps": "steps", "guidance_scale": "guidance", "eta": "eta",
-    "height": "height", "width": "width", "num_frames": "frames", "fps": "fps", "model": "model",
+    "height": "height", "width": "width", "num_frames": "frames", "fps": "fps", "interpolate_fps": "interpolate_fps",
+    "model": "model",
     "variant": "variant", "revision": "revision", "loras": "lora", "lora_weight_name": "lora_weight_name",
     "lora_target": "lora_target", "lora_scale": "lora_scale", "turbo": "turbo", "init_video": "init_video",
     "strength": "strength",

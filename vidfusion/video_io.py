@@ -66,11 +66,13 @@ def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
 
 
 def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, fps: int = 8,
-                    metadata: dict[str, Any] | None = None) -> str:
+                    metadata: dict[str, Any] | None = None, interpolate_fps: int | None = None) -> str:
     """Write one video's frames to `output_path` (.mp4 H.264 yuv420p with the index first, .webm VP9, .gif);
     default a temp .mp4. `metadata` (a JSON-serialisable dict, e.g. the generation settings) is stored as the
     file's `comment` tag; `read_metadata` reads it back. The same frames give the same bytes. The file appears
-    complete or not at all. Returns the path."""
+    complete or not at all. `interpolate_fps` (above fps): motion-compensated frames in between (ffmpeg's
+    minterpolate), the originals kept at their times, the same duration; the file plays at interpolate_fps.
+    Returns the path."""
     import av
 
     video = to_uint8_frames(frames)
@@ -88,6 +90,8 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
         raise ValueError(f"fps must be positive, got {fps!r}")
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    if interpolate_fps is not None:
+        video, fps = interpolate_frames(video, fps, interpolate_fps), interpolate_fps
     _, h, w, _ = video.shape
     if suffix in (".mp4", ".webm") and (h % 2 or w % 2):  # yuv420p needs even sizes: pad by repeating the edge
         video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
@@ -148,6 +152,39 @@ def _palettized(video: np.ndarray, fps: float) -> list:
             frames.append(sink.pull())
         except (av.error.EOFError, av.error.BlockingIOError):
             return frames
+
+
+def interpolate_frames(video: np.ndarray, fps: int, target_fps: int) -> np.ndarray:
+    """uint8 frames (F, H, W, 3) at `fps` -> F * target_fps / fps frames at `target_fps`: motion-compensated
+    interpolation (ffmpeg's minterpolate, mci, through PyAV's filter graph); every frame whose time is an original's
+    is that original, and the clip lasts as long (the last frame is held at the end)."""
+    import av
+
+    if not isinstance(target_fps, int) or isinstance(target_fps, bool) or target_fps <= fps:
+        raise ValueError(f"interpolate_fps must be an integer above fps={fps}, got {target_fps!r}")
+    count, h, w, _ = video.shape
+    time_base = 1 / _rate(fps)
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=w, height=h, format="rgb24", time_base=time_base)
+    steps = [graph.add("minterpolate", f"fps={target_fps}:mi_mode=mci"), graph.add("format", "rgb24"),
+             graph.add("buffersink")]
+    source.link_to(steps[0])
+    steps[0].link_to(steps[1])
+    steps[1].link_to(steps[2])
+    graph.configure()
+    for i, array in enumerate([*video, video[-1], video[-1]]):  # held frames: the last interval is interpolated too
+        frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+        frame.pts, frame.time_base = i, time_base
+        source.push(frame)
+    source.push(None)
+    wanted, out = round(count * target_fps / fps), []
+    while len(out) < wanted:
+        try:
+            out.append(steps[2].pull().to_ndarray(format="rgb24"))
+        except (av.error.EOFError, av.error.BlockingIOError):
+            break
+    out += [out[-1]] * (wanted - len(out))
+    return np.stack(out)
 
 
 def _rate(fps: float):

@@ -52,6 +52,7 @@ class VideoRequest(BaseModel):
     sampler: Literal[tuple(SAMPLER_NAMES)] | None = None  # type: ignore[valid-type]
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     fps: int = Field(default=8, ge=1, le=60)
+    interpolate_fps: int | None = Field(default=None, ge=2, le=120)  # motion-interpolated to this rate
 
     @field_validator("prompt")
     @classmethod
@@ -103,6 +104,8 @@ def video_params(body: VideoRequest, settings: ServeSettings) -> dict[str, Any]:
         params["num_inference_steps"] = defaults[0]
     if params["guidance_scale"] is None:
         params["guidance_scale"] = defaults[1]
+    if params["interpolate_fps"] is not None and params["interpolate_fps"] <= params["fps"]:
+        raise _field_error("interpolate_fps", f"interpolate_fps must be above fps ({params['fps']})")
     if params["num_frames"] > settings.max_frames:
         raise _field_error("num_frames", f"num_frames must be at most {settings.max_frames} on this server")
     if params["height"] * params["width"] > settings.max_pixels:

@@ -54,6 +54,8 @@ _PAGE = """<!doctype html>
     <div class="row">
       <div><label for="num_frames">Frames</label><input id="num_frames" type="number" min="1" value="16"></div>
       <div><label for="fps">FPS</label><input id="fps" type="number" min="1" max="60" value="8"></div>
+      <div><label for="interpolate_fps">Smooth to FPS (empty: off)</label>
+        <input id="interpolate_fps" type="number" min="2" max="120"></div>
       <div><label for="width">Width</label><input id="width" type="number" min="8" step="8" value="__W__"></div>
       <div><label for="height">Height</label><input id="height" type="number" min="8" step="8" value="__H__"></div>
       <div><label for="num_inference_steps">Steps</label>
@@ -108,7 +110,7 @@ async function api(path, options) {
 function params() {
   const p = {prompt: $("prompt").value};
   if ($("negative_prompt").value) p.negative_prompt = $("negative_prompt").value;
-  for (const k of ["num_frames", "fps", "width", "height", "num_inference_steps", "seed"])
+  for (const k of ["num_frames", "fps", "width", "height", "num_inference_steps", "seed", "interpolate_fps"])
     if ($(k).value !== "") p[k] = parseInt($(k).value, 10);
   p.guidance_scale = parseFloat($("guidance_scale").value);
   if ($("sampler").value) p.sampler = $("sampler").value;

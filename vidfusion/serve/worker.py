@@ -81,6 +81,7 @@ class Worker(threading.Thread):
                 return
             write_image(frames, self.store.poster_path(job_id))
             export_to_video(frames, self.store.video_path(job_id), fps=params["fps"],
+                            interpolate_fps=params.get("interpolate_fps"),
                             metadata=video_settings(output.settings, params, **self.video_metadata))
             if not self.store.finish(job_id, SUCCEEDED):  # cancelled while encoding: drop the file
                 self.store.video_path(job_id).unlink(missing_ok=True)

@@ -321,3 +321,31 @@ def test_one_negative_prompt_for_every_prompt(ours):
     assert travel.shape == (1, 4, 3, 16, 16)
     with pytest.raises(ValueError, match="entries"):
         ours(["a fox", "a dog"], ["blurry"], **args)
+
+
+def test_guidance_interval_runs_cfg_only_inside_it(ours):
+    """Kynkaanniemi et al. 2024: classifier-free guidance only for sigma in [lo, hi]; outside, one UNet pass on the
+    conditional batch. Catches guidance applied everywhere (2 passes each step) or an interval that changes the
+    guided steps: an interval covering every step gives today's video bit for bit, one covering none the
+    unguided video (guidance 1)."""
+    args = dict(prompt="a cat", num_frames=3, height=16, width=16, num_inference_steps=6, sampler="dpmpp-2m")
+    calls = []
+    hook = ours.unet.register_forward_pre_hook(lambda m, a: calls.append((a[0].shape[0], float(a[1]))))
+    try:
+        out = ours(generator=gen(), output_type="latent", guidance_interval=(1.0, 10.0), **args).frames
+    finally:
+        hook.remove()
+    from vidfusion.schedules import NoiseSchedule, sampler_options
+
+    schedule = NoiseSchedule.create(sampler_options("dpmpp-2m", dict(ours.scheduler.config)), 6)
+    inside = [1.0 <= schedule.sigma_at(t) <= 10.0 for _, t in calls]
+    assert 0 < sum(inside) < len(calls)  # the interval splits this schedule
+    assert [b for b, _ in calls] == [2 if i else 1 for i in inside]
+    plain = ours(generator=gen(), output_type="latent", **args).frames
+    everywhere = ours(generator=gen(), output_type="latent", guidance_interval=(0.0, 1e9), **args).frames
+    assert torch.equal(everywhere, plain) and not torch.equal(out, plain)
+    nowhere = ours(generator=gen(), output_type="latent", guidance_interval=(1e8, 1e9), **args).frames
+    unguided = ours(generator=gen(), output_type="latent", guidance_scale=1.0, **args).frames
+    assert torch.allclose(nowhere, unguided, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        ours(guidance_interval=(5.0, 1.0), **args)

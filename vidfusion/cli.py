@@ -214,6 +214,8 @@ def _generate(args: argparse.Namespace) -> list[str]:
                    eta=args.eta, height=args.height, width=args.width)
     if args.guidance is not None:
         options["guidance_scale"] = args.guidance
+    if args.guidance_interval is not None:
+        options["guidance_interval"] = tuple(args.guidance_interval)
     if args.lora_scale is not None:
         options["cross_attention_kwargs"] = {"scale": args.lora_scale}
     if not upscale:

@@ -173,6 +173,8 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
     p.add_argument("--vae-slicing", action="store_true")
     p.add_argument("--vae-tiling", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="classifier-free guidance only at noise levels sigma in [LO, HI] (one UNet pass elsewhere)")
     p.add_argument("--interpolate-fps", type=int, default=None, metavar="FPS",
                    help="smooth the video to this frame rate (motion-compensated; the original frames are kept)")
     p.add_argument("--lora-scale", type=float, default=None,

@@ -48,6 +48,7 @@ class Plan:
     eta: float
     output_type: str
     lora_scale: float | None = None  # cross_attention_kwargs["scale"]: the active LoRAs' weights times this
+    guidance_interval: tuple[float, float] | None = None  # CFG only for sigma in [lo, hi]
 
     def sampler_options(self) -> dict[str, Any]:
         """Keyword options of the sampler beyond the shared signature (eta where it takes one)."""
@@ -55,9 +56,10 @@ class Plan:
 
     def settings(self) -> dict[str, Any]:
         """What ran, as a file made from it records (TextToVideoOutput.settings)."""
-        return {"sampler": self.sampler, "num_inference_steps": self.steps,
-                "guidance_scale": float(self.guidance_scale), "num_frames": self.num_frames, "height": self.height,
-                "width": self.width}
+        ran = {"sampler": self.sampler, "num_inference_steps": self.steps,
+               "guidance_scale": float(self.guidance_scale), "num_frames": self.num_frames, "height": self.height,
+               "width": self.width}
+        return {**ran, "guidance_interval": list(self.guidance_interval)} if self.guidance_interval else ran
 
 
 def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
@@ -77,6 +79,13 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                         free_init_iterations=call["free_init_iterations"])
     check_noise_prior(call["noise_prior"], call["base_noise_ratio"])
     lora_scale = check_cross_attention_kwargs(call["cross_attention_kwargs"])
+    interval = call["guidance_interval"]
+    if interval is not None:
+        if (not isinstance(interval, (tuple, list)) or len(interval) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+                or not 0 <= interval[0] <= interval[1]):
+            raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo <= hi, got {interval!r}")
+        interval = (float(interval[0]), float(interval[1]))
     window_size, loop = call["window_size"], call["loop"]
     if isinstance(window_size, int) and window_size > num_frames and not loop:
         raise ValueError(f"window_size={window_size} is larger than num_frames={num_frames}; leave it out for "
@@ -98,7 +107,7 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 freeu=pipe._freeu if call["freeu"] is None else check_freeu(call["freeu"]),
                 free_init_iterations=call["free_init_iterations"], low_pass=low_pass, noise_prior=call["noise_prior"],
                 base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"],
-                lora_scale=lora_scale)
+                lora_scale=lora_scale, guidance_interval=interval)
 
 
 CROSS_ATTENTION_KWARGS = ("scale",)

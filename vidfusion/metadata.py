@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 # TextToVideoOutput.settings: what ran (these win over anything a writer passes)
-RAN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "strength")
+RAN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "strength",
+            "guidance_interval")
 REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "fps", "interpolate_fps")
 # metadata key -> `vidfusion generate` argument (dest), for writing from and reading back into the command line
 CLI_ARGUMENTS = {
@@ -21,7 +22,8 @@ CLI_ARGUMENTS = {
     "height": "height", "width": "width", "num_frames": "frames", "fps": "fps", "interpolate_fps": "interpolate_fps",
     "model": "model",
     "variant": "variant", "revision": "revision", "loras": "lora", "lora_weight_name": "lora_weight_name",
-    "lora_target": "lora_target", "lora_scale": "lora_scale", "turbo": "turbo", "init_video": "init_video",
+    "lora_target": "lora_target", "lora_scale": "lora_scale",
+    "guidance_interval": "guidance_interval", "turbo": "turbo", "init_video": "init_video",
     "strength": "strength",
     "window_size": "window_size", "window_stride": "window_stride", "loop": "loop", "noise_prior": "noise_prior",
     "base_noise_ratio": "base_noise_ratio", "freeu": "freeu", "free_init_iterations": "free_init_iterations",

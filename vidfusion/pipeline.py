@@ -27,7 +27,7 @@ from .long_video import keyframe_weights, reschedule_noise, windowed
 from .lora_formats import read_lora_file
 from .noise import initial_noise, video_noise_sampler
 from .offload import OffloadState, offload_device
-from .sampling import cfg_model
+from .sampling import cfg_model, guidance_interval
 from .schedulers import Scheduler
 from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, resolve_sampler, sampler_options, step_defaults
 from .text_encoder import encode_text
@@ -313,6 +313,7 @@ class TextToVideoPipeline:
         free_init_spatial: float = 0.25,
         free_init_temporal: float = 0.25,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> TextToVideoOutput | tuple:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
         num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
@@ -371,8 +372,10 @@ class TextToVideoPipeline:
         def network(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV) -> torch.Tensor:
             return self.unet(x_in.to(unet_dtype), t.to(device), ctx, guidance_cond)
 
-        model_fn = windowed(cfg_model(network, plan.guidance_scale, plan.cfg), context, plan.keyframes is not None,
-                            plan.num_frames, plan.window_size, plan.window_stride, plan.loop)
+        guided = guidance_interval(plan.schedule, plan.guidance_interval)
+        model_fn = windowed(cfg_model(network, plan.guidance_scale, plan.cfg, guided), context,
+                            plan.keyframes is not None, plan.num_frames, plan.window_size, plan.window_stride,
+                            plan.loop)
         noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)
         previous_freeu, self.unet.freeu = self.unet.freeu, plan.freeu
         reporter.start()

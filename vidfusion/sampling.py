@@ -39,13 +39,17 @@ from .schedules import (
 )
 
 
-def cfg_model(network: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], guidance_scale: float, cfg: bool
+def cfg_model(network: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], guidance_scale: float, cfg: bool,
+              guided: Callable[[torch.Tensor], bool] | None = None
               ) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
     """Classifier-free guidance around a network `network(x, t, context) -> output` (k-diffusion's CFGDenoiser):
     with `cfg` the network runs once on [x; x] against the [uncond; cond] context and the outputs are combined as
-    uncond + guidance_scale * (cond - uncond), in float32; without it, one plain pass."""
+    uncond + guidance_scale * (cond - uncond), in float32; without it, one plain pass. `guided(t)` False (outside a
+    guidance interval) runs one pass on the conditional half of the context only."""
 
     def model(x: torch.Tensor, t: torch.Tensor, context: Any) -> torch.Tensor:
+        if cfg and guided is not None and not guided(t):
+            return network(x, t, conditional_half(context)).float()
         out = network(torch.cat([x, x]) if cfg else x, t, context).float()
         if not cfg:
             return out
@@ -53,6 +57,23 @@ def cfg_model(network: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
         return uncond + guidance_scale * (cond - uncond)
 
     return model
+
+
+def conditional_half(context: Any) -> Any:
+    """The cond half of a [uncond; cond] context: a text tensor (2N, S, D) or its per-layer (keys, values)."""
+    if isinstance(context, torch.Tensor):
+        return context[context.shape[0] // 2:]
+    return tuple(tuple(part[part.shape[0] // 2:] for part in layer) for layer in context)
+
+
+def guidance_interval(schedule: NoiseSchedule, interval: tuple[float, float] | None
+                      ) -> Callable[[torch.Tensor], bool] | None:
+    """Kynkaanniemi et al. 2024 ("Applying Guidance in a Limited Interval"): whether a timestep's noise level lies
+    in [sigma_lo, sigma_hi], where guidance helps; None applies it everywhere."""
+    if interval is None:
+        return None
+    lo, hi = interval
+    return lambda t: lo <= schedule.sigma_at(t) <= hi
 
 
 # ---- DDIM / PNDM (alpha space, integer timesteps) ---------------------------------------------------------

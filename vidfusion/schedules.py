@@ -218,6 +218,16 @@ class NoiseSchedule:
         ac = self.alphas_cumprod
         return (((1 - ac) / ac) ** 0.5).numpy()
 
+    def sigma_at(self, t: torch.Tensor | float) -> float:
+        """The noise level sigma = sqrt((1 - a) / a) at timestep t; fractional t (the Euler family) interpolates
+        log sigma between the neighbouring training timesteps, as k-diffusion's t_to_sigma."""
+        log_sigmas = np.log(self.train_sigmas())
+        t = float(t)
+        low = int(np.clip(np.floor(t), 0, len(log_sigmas) - 1))
+        high = min(low + 1, len(log_sigmas) - 1)
+        w = t - low
+        return float(np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high]))
+
 
 def spaced_timesteps(opts: dict[str, Any], n: int, *, integer: bool) -> np.ndarray:
     """Descending timesteps for n steps ('linspace' / 'leading' / 'trailing' spacing, with steps_offset)."""

@@ -214,6 +214,7 @@ def _generate(args: argparse.Namespace) -> list[str]:
                    eta=args.eta, height=args.height, width=args.width)
     if args.guidance is not None:
         options["guidance_scale"] = args.guidance
+    options.update(prompt_syntax=args.prompt_syntax, prompt_weighting=args.prompt_weighting)
     if args.guidance_interval is not None:
         options["guidance_interval"] = tuple(args.guidance_interval)
     if args.lora_scale is not None:

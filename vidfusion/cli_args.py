@@ -173,6 +173,10 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
     p.add_argument("--vae-slicing", action="store_true")
     p.add_argument("--vae-tiling", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--prompt-syntax", choices=("a1111", "none"), default="a1111",
+                   help="a1111: (emphasis), [less], (word:1.3), BREAK, long prompts in chunks; none: literal text")
+    p.add_argument("--prompt-weighting", choices=("original", "plain"), default="original",
+                   help="original: A1111's mean-preserving emphasis; plain: without the rescale")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="classifier-free guidance only at noise levels sigma in [LO, HI] (one UNet pass elsewhere)")
     p.add_argument("--interpolate-fps", type=int, default=None, metavar="FPS",

@@ -14,6 +14,7 @@ import torch
 
 from .long_video import check_keyframes, check_window, default_window
 from .noise import check_noise_prior, free_init_filter, mix_frequencies, randn
+from .prompts import PROMPT_SYNTAXES, WEIGHTINGS
 from .sampling import SAMPLERS
 from .schedules import NoiseSchedule, step_defaults
 
@@ -49,6 +50,8 @@ class Plan:
     output_type: str
     lora_scale: float | None = None  # cross_attention_kwargs["scale"]: the active LoRAs' weights times this
     guidance_interval: tuple[float, float] | None = None  # CFG only for sigma in [lo, hi]
+    prompt_syntax: str = "a1111"  # "none": brackets are literal text
+    prompt_weighting: str = "original"  # A1111's mean-preserving weights, or "plain"
 
     def sampler_options(self) -> dict[str, Any]:
         """Keyword options of the sampler beyond the shared signature (eta where it takes one)."""
@@ -59,7 +62,13 @@ class Plan:
         ran = {"sampler": self.sampler, "num_inference_steps": self.steps,
                "guidance_scale": float(self.guidance_scale), "num_frames": self.num_frames, "height": self.height,
                "width": self.width}
-        return {**ran, "guidance_interval": list(self.guidance_interval)} if self.guidance_interval else ran
+        if self.guidance_interval:
+            ran["guidance_interval"] = list(self.guidance_interval)
+        if self.prompt_syntax != "a1111":
+            ran["prompt_syntax"] = self.prompt_syntax
+        if self.prompt_weighting != "original":
+            ran["prompt_weighting"] = self.prompt_weighting
+        return ran
 
 
 def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
@@ -79,6 +88,9 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                         free_init_iterations=call["free_init_iterations"])
     check_noise_prior(call["noise_prior"], call["base_noise_ratio"])
     lora_scale = check_cross_attention_kwargs(call["cross_attention_kwargs"])
+    if call["prompt_syntax"] not in PROMPT_SYNTAXES or call["prompt_weighting"] not in WEIGHTINGS:
+        raise ValueError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)} and prompt_weighting one of "
+                         f"{', '.join(WEIGHTINGS)}; got {call['prompt_syntax']!r}, {call['prompt_weighting']!r}")
     interval = call["guidance_interval"]
     if interval is not None:
         if (not isinstance(interval, (tuple, list)) or len(interval) != 2
@@ -107,7 +119,8 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 freeu=pipe._freeu if call["freeu"] is None else check_freeu(call["freeu"]),
                 free_init_iterations=call["free_init_iterations"], low_pass=low_pass, noise_prior=call["noise_prior"],
                 base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"],
-                lora_scale=lora_scale, guidance_interval=interval)
+                lora_scale=lora_scale, guidance_interval=interval, prompt_syntax=call["prompt_syntax"],
+                prompt_weighting=call["prompt_weighting"])
 
 
 CROSS_ATTENTION_KWARGS = ("scale",)

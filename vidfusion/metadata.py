@@ -13,7 +13,7 @@ from typing import Any
 
 # TextToVideoOutput.settings: what ran (these win over anything a writer passes)
 RAN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "strength",
-            "guidance_interval")
+            "guidance_interval", "prompt_syntax", "prompt_weighting")
 REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "fps", "interpolate_fps")
 # metadata key -> `vidfusion generate` argument (dest), for writing from and reading back into the command line
 CLI_ARGUMENTS = {
@@ -23,7 +23,8 @@ CLI_ARGUMENTS = {
     "model": "model",
     "variant": "variant", "revision": "revision", "loras": "lora", "lora_weight_name": "lora_weight_name",
     "lora_target": "lora_target", "lora_scale": "lora_scale",
-    "guidance_interval": "guidance_interval", "turbo": "turbo", "init_video": "init_video",
+    "guidance_interval": "guidance_interval", "prompt_syntax": "prompt_syntax",
+    "prompt_weighting": "prompt_weighting", "turbo": "turbo", "init_video": "init_video",
     "strength": "strength",
     "window_size": "window_size", "window_stride": "window_stride", "loop": "loop", "noise_prior": "noise_prior",
     "base_noise_ratio": "base_noise_ratio", "freeu": "freeu", "free_init_iterations": "free_init_iterations",

@@ -27,6 +27,7 @@ from .long_video import keyframe_weights, reschedule_noise, windowed
 from .lora_formats import read_lora_file
 from .noise import initial_noise, video_noise_sampler
 from .offload import OffloadState, offload_device
+from .prompts import encode_prompts, same_length
 from .sampling import cfg_model, guidance_interval
 from .schedulers import Scheduler
 from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, resolve_sampler, sampler_options, step_defaults
@@ -187,21 +188,32 @@ class TextToVideoPipeline:
 
     def encode_prompt(self, prompts: list[str] | None, negative: list[str] | None, guidance: bool,
                       prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                      clip_skip: int | None = None) -> torch.Tensor:
+                      clip_skip: int | None = None, syntax: str = "a1111", weighting: str = "original"
+                      ) -> torch.Tensor:
         """Text states for the UNet: [uncond; cond] stacked (2B, 77, D) with guidance, else cond (B, 77, D)."""
         device, dtype = self.device, self.text_encoder.dtype
         self._activate(self.text_encoder)
         if prompt_embeds is None:
-            prompt_embeds = encode_text(self.text_encoder, self.tokenizer, prompts, device, clip_skip)
+            prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, prompts, device, clip_skip, syntax,
+                                           weighting)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         if not guidance:
             return prompt_embeds
         if negative_prompt_embeds is None:
             batch = prompt_embeds.shape[0]
             negative = negative if negative is not None else [""] * batch
-            negative_prompt_embeds = encode_text(self.text_encoder, self.tokenizer, negative, device)
+            negative_prompt_embeds = encode_prompts(self.text_encoder, self.tokenizer, negative, device, None,
+                                                    syntax, weighting)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        negative_prompt_embeds, prompt_embeds = self._same_length(negative_prompt_embeds, prompt_embeds)
         return torch.cat([negative_prompt_embeds, prompt_embeds])
+
+    def _same_length(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cond and uncond states padded to one token length with the empty prompt's chunk (long prompts)."""
+        if a.shape[1] == b.shape[1]:
+            return a, b
+        empty = encode_text(self.text_encoder, self.tokenizer, [""], a.device)[0]
+        return same_length(a, b, empty)
 
     def sampler_or_turbo(self, sampler: str | None) -> tuple[str, dict[str, Any]]:
         """(solver, its options) for a sampler name. None: the checkpoint's scheduler, or t2v-turbo once the
@@ -314,6 +326,8 @@ class TextToVideoPipeline:
         free_init_temporal: float = 0.25,
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        prompt_syntax: str = "a1111",
+        prompt_weighting: str = "original",
     ) -> TextToVideoOutput | tuple:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
         num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
@@ -340,10 +354,10 @@ class TextToVideoPipeline:
         times = plan.videos_per_prompt
         if plan.keyframes:
             negative = plan.negatives[:1] if plan.negatives else None
-            return self._travel_context(plan.keyframes, negative, plan.num_frames, times, plan.cfg, clip_skip), times
+            return self._travel_context(plan, negative, times, clip_skip), times
         context = self.encode_prompt(repeat_each(plan.prompts, times), repeat_each(plan.negatives, times), plan.cfg,
                                      repeat_each(prompt_embeds, times), repeat_each(negative_prompt_embeds, times),
-                                     clip_skip)
+                                     clip_skip, plan.prompt_syntax, plan.prompt_weighting)
         return context, context.shape[0] // (2 if plan.cfg else 1)
 
     def _denoise(self, plan: Plan, context: torch.Tensor, batch: int, generator, latents: torch.Tensor | None,
@@ -397,16 +411,19 @@ class TextToVideoPipeline:
             x = reschedule_noise(x, plan.window_size, plan.window_stride, generator)
         return x, 0
 
-    def _travel_context(self, keyframes: tuple[list[int], list[str]], negatives: list[str] | None, num_frames: int,
-                        videos: int, guidance: bool, clip_skip: int | None) -> torch.Tensor:
-        """Per-frame text states (videos*F, 77, D), interpolated linearly between keyframe prompts."""
-        keys, texts = keyframes
-        embeds = self.encode_prompt(texts, None, False, clip_skip=clip_skip)  # (K, 77, D)
-        weights = keyframe_weights(keys, num_frames).to(embeds.device, embeds.dtype)
-        per_frame = torch.einsum("fk,ksd->fsd", weights, embeds).repeat(videos, 1, 1)  # (videos*F, 77, D)
-        if not guidance:
+    def _travel_context(self, plan: Plan, negatives: list[str] | None, videos: int, clip_skip: int | None
+                        ) -> torch.Tensor:
+        """Per-frame text states (videos*F, T, D), interpolated linearly between keyframe prompts."""
+        keys, texts = plan.keyframes
+        embeds = self.encode_prompt(texts, None, False, clip_skip=clip_skip, syntax=plan.prompt_syntax,
+                                    weighting=plan.prompt_weighting)  # (K, T, D)
+        weights = keyframe_weights(keys, plan.num_frames).to(embeds.device, embeds.dtype)
+        per_frame = torch.einsum("fk,ksd->fsd", weights, embeds).repeat(videos, 1, 1)  # (videos*F, T, D)
+        if not plan.cfg:
             return per_frame
-        uncond = self.encode_prompt([""], negatives, True)[:1]  # (1, 77, D)
+        uncond = self.encode_prompt([""], negatives, True, syntax=plan.prompt_syntax,
+                                    weighting=plan.prompt_weighting)[:1]  # (1, T', D)
+        uncond, per_frame = self._same_length(uncond, per_frame)
         return torch.cat([uncond.expand_as(per_frame), per_frame])
 
     @torch.no_grad()

@@ -87,3 +87,70 @@ def test_plain_prompt_video_unchanged_through_the_pipeline(ours, reference):
     ref = reference(generator=torch.Generator().manual_seed(0), output_type="latent", **args).frames
     got = ours(generator=torch.Generator().manual_seed(0), output_type="latent", **args).frames
     assert_latents_close(ref, got)
+
+
+def test_prompt_schedule_follows_a1111():
+    """A1111's own documented example (modules/prompt_parser.py), alternation, and a clear error."""
+    from vidfusion.prompts import prompt_schedule
+
+    text = ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+            "[ in background:0.25] [shoddy:masterful:0.5]")
+    assert prompt_schedule(text, 100) == [
+        (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+        (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+        (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+        (75, "fantasy landscape with a lake and an oak in background masterful"),
+        (100, "fantasy landscape with a lake and a christmas tree in background masterful")]
+    assert prompt_schedule("a [cat|dog]", 3) == [(1, "a cat"), (2, "a dog"), (3, "a cat")]
+    assert prompt_schedule("a [dog:2] (x:1.2)", 4) == [(2, "a  (x:1.2)"), (4, "a dog (x:1.2)")]
+    assert prompt_schedule("[less] and [a:b]", 4) == [(4, "[less] and [a:b]")]  # no edit: emphasis text
+    with pytest.raises(ValueError, match="position 2"):
+        prompt_schedule("a [b:c:0.5 oops", 4)
+
+
+def _keys_seen(pipe, **kwargs) -> list[torch.Tensor]:
+    """The first cross-attention keys of the conditional text at every UNet call."""
+    seen = []
+
+    def keep(module, args):
+        context = args[2]
+        first_keys = context[0][0] if isinstance(context, tuple) else pipe.unet.text_kv(context)[0][0]
+        seen.append(first_keys[-1].clone())
+
+    hook = pipe.unet.register_forward_pre_hook(keep)
+    try:
+        pipe(generator=torch.Generator().manual_seed(0), output_type="latent", num_frames=2, height=16, width=16,
+             sampler="ddim", **kwargs)
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_prompt_editing_switches_the_text_at_the_right_step(ours):
+    """Catches editing ignored (one text for all steps) or switching a step early / late: the UNet sees 'a cat'
+    for steps 1-2 of 4 and 'a dog' after, alternation flips every step, and each FreeInit pass starts over."""
+    def keys(text):
+        return ours.unet.text_kv(ours.encode_prompt([text], None, False))[0][0][-1]
+
+    cat, dog = keys("a cat"), keys("a dog")
+    seen = _keys_seen(ours, prompt="a [cat:dog:0.5]", num_inference_steps=4, guidance_scale=1.0)
+    assert [torch.allclose(k, cat) for k in seen] == [True, True, False, False]
+    assert all(torch.allclose(k, dog) for k in seen[2:])
+    seen = _keys_seen(ours, prompt="a [cat|dog]", num_inference_steps=3, guidance_scale=1.0)
+    assert [torch.allclose(k, cat) for k in seen] == [True, False, True]
+    seen = _keys_seen(ours, prompt="a [cat:dog:0.5]", num_inference_steps=2, guidance_scale=7.0,
+                      free_init_iterations=2, free_init_filter="gaussian")
+    assert [torch.allclose(k, cat) for k in seen] == [True, False, True, False]
+    plain = ours("a cat", num_frames=2, height=16, width=16, num_inference_steps=2, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).frames
+    same = ours("a [cat:dog:5]", num_frames=2, height=16, width=16, num_inference_steps=2, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).frames
+    assert torch.equal(plain, same)  # an edit after the last step never happens
+
+
+def test_prompt_editing_with_prompt_travel(ours):
+    out = ours({0: "a [cat:dog:0.5]", 1: "a boat"}, num_frames=2, height=16, width=16, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    fixed = ours({0: "a cat", 1: "a boat"}, num_frames=2, height=16, width=16, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    assert out.shape == fixed.shape and not torch.equal(out, fixed)

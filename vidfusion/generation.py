@@ -14,7 +14,7 @@ import torch
 
 from .long_video import check_keyframes, check_window, default_window
 from .noise import check_noise_prior, free_init_filter, mix_frequencies, randn
-from .prompts import PROMPT_SYNTAXES, WEIGHTINGS
+from .prompts import PROMPT_SYNTAXES, WEIGHTINGS, prompt_schedule
 from .sampling import SAMPLERS
 from .schedules import NoiseSchedule, step_defaults
 
@@ -52,6 +52,8 @@ class Plan:
     guidance_interval: tuple[float, float] | None = None  # CFG only for sigma in [lo, hi]
     prompt_syntax: str = "a1111"  # "none": brackets are literal text
     prompt_weighting: str = "original"  # A1111's mean-preserving weights, or "plain"
+    # prompt editing / alternation: (last step, prompts, negatives) segments; None when every step sees one text
+    edits: list[tuple[int, list[str], list[str] | None]] | None = None
 
     def sampler_options(self) -> dict[str, Any]:
         """Keyword options of the sampler beyond the shared signature (eta where it takes one)."""
@@ -120,7 +122,44 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 free_init_iterations=call["free_init_iterations"], low_pass=low_pass, noise_prior=call["noise_prior"],
                 base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"],
                 lora_scale=lora_scale, guidance_interval=interval, prompt_syntax=call["prompt_syntax"],
-                prompt_weighting=call["prompt_weighting"])
+                prompt_weighting=call["prompt_weighting"],
+                edits=text_edits(keyframes[1] if keyframes else prompts, negatives, steps, call["prompt_syntax"]))
+
+
+def text_edits(prompts: list[str] | None, negatives: list[str] | None, steps: int, syntax: str
+               ) -> list[tuple[int, list[str], list[str] | None]] | None:
+    """The texts each denoising step sees when a prompt uses A1111 editing ([from:to:when], [a|b]): consecutive
+    steps with the same texts grouped as (last step, prompts, negatives); None when nothing changes."""
+    if syntax != "a1111" or prompts is None:
+        return None
+    texts = prompts + (negatives or [])
+    schedules = [prompt_schedule(text, steps) for text in texts]
+    if all(len(s) == 1 and s[0][1] == t for s, t in zip(schedules, texts)):
+        return None
+    segments: list[tuple[int, list[str], list[str] | None]] = []
+    for step in range(1, steps + 1):
+        now = [next(text for last, text in s if step <= last) for s in schedules]
+        resolved = (now[:len(prompts)], now[len(prompts):] if negatives else None)
+        if segments and (segments[-1][1], segments[-1][2]) == resolved:
+            segments[-1] = (step, *resolved)
+        else:
+            segments.append((step, *resolved))
+    return segments
+
+
+class StepContexts:
+    """Text states that change during sampling (prompt editing): (last step, context) segments; `current` is the
+    one for the step being computed (steps from 1, set by the step reporter)."""
+
+    def __init__(self, segments: list[tuple[int, Any]]):
+        self.segments, self.step = segments, 1
+
+    @property
+    def current(self) -> Any:
+        return next((context for last, context in self.segments if self.step <= last), self.segments[-1][1])
+
+    def map(self, fn: Callable[[Any], Any]) -> StepContexts:
+        return StepContexts([(last, fn(context)) for last, context in self.segments])
 
 
 CROSS_ATTENTION_KWARGS = ("scale",)
@@ -162,6 +201,13 @@ class StepReporter:
         self.pipe, self.callback, self.every, self.on_step_end = pipe, callback, callback_steps, on_step_end
         self.total, self.bar_options, self.progress = total, bar_options, None
         self.offset = 0
+        self.contexts: StepContexts | None = None  # advanced after every step (prompt editing)
+
+    def begin_pass(self, iteration: int, steps: int) -> None:
+        """A sampler pass starts (FreeInit repeats it): steps count from here, texts from the first step."""
+        self.offset = iteration * steps
+        if self.contexts is not None:
+            self.contexts.step = 1
 
     def start(self) -> None:
         from tqdm.auto import tqdm
@@ -174,6 +220,8 @@ class StepReporter:
 
     def __call__(self, step: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.progress.update()
+        if self.contexts is not None:
+            self.contexts.step = step + 2  # the next step's text (steps count from 1)
         step += self.offset
         if self.callback is not None and step % self.every == 0:
             self.callback(step, t, x)
@@ -208,7 +256,7 @@ def sample_with_free_init(model_fn: Callable, x: torch.Tensor, plan: Plan, repor
             diffused = a_t**0.5 * x + (1 - a_t) ** 0.5 * start_noise
             fresh = randn(tuple(x.shape), generator, x.device, noise_dtype).float()
             x = mix_frequencies(diffused, fresh, plan.low_pass)
-        reporter.offset = iteration * plan.steps
+        reporter.begin_pass(iteration, plan.steps)
         x = sampler(model_fn, x, plan.schedule, noise_sampler=noise_sampler, callback=reporter, **extra)
     return x
 

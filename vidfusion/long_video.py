@@ -91,16 +91,17 @@ def windowed(model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
     calls = [0]
 
     def context_for(idx: list[int] | None) -> Any:
+        text = current(context)
         if idx is None or not per_frame_context:
-            return context
-        per_video = context.view(-1, num_frames, *context.shape[1:])  # (N, F, S, D)
-        return per_video[:, idx].reshape(-1, *context.shape[1:])
+            return text
+        per_video = text.view(-1, num_frames, *text.shape[1:])  # (N, F, S, D)
+        return per_video[:, idx].reshape(-1, *text.shape[1:])
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         windows = frame_windows(num_frames, size, stride, loop, calls[0])
         calls[0] += 1
         if windows is None:
-            return model_fn(x, t, context)
+            return model_fn(x, t, current(context))
         out = torch.zeros_like(x)
         total = torch.zeros(num_frames, device=x.device)
         for idx in windows:
@@ -111,6 +112,12 @@ def windowed(model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
         return out / total.view(1, 1, -1, 1, 1)
 
     return fn
+
+
+def current(context: Any) -> Any:
+    """The text states for the step being computed: a StepContexts (prompt editing) resolves to its current
+    segment, anything else is the states themselves."""
+    return getattr(context, "current", context)
 
 
 def keyframe_weights(keyframes: list[int], num_frames: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ from .adapters import LoraAdapters
 from .checkpoints import load_checkpoint
 from .generation import (
     Plan,
+    StepContexts,
     StepReporter,
     Stopped,
     make_plan,
@@ -23,7 +24,7 @@ from .generation import (
 )
 from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
 from .loading import TRAINING_FRAMES
-from .long_video import keyframe_weights, reschedule_noise, windowed
+from .long_video import current, keyframe_weights, reschedule_noise, windowed
 from .lora_formats import read_lora_file
 from .noise import initial_noise, video_noise_sampler
 from .offload import OffloadState, offload_device
@@ -349,8 +350,18 @@ class TextToVideoPipeline:
         return TextToVideoOutput(frames=video, settings=plan.settings()) if return_dict else (video,)
 
     def _encode(self, plan: Plan, prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None,
-                clip_skip: int | None) -> tuple[torch.Tensor, int]:
-        """(text states, videos): [uncond; cond] with guidance; per frame (N*F, 77, D) for prompt travel."""
+                clip_skip: int | None) -> tuple[torch.Tensor | StepContexts, int]:
+        """(text states, videos): [uncond; cond] with guidance; per frame (N*F, 77, D) for prompt travel; with prompt
+        editing, the states of each segment of steps (StepContexts)."""
+        if plan.edits:
+            segments = []
+            for last, texts, negatives in plan.edits:
+                keyframes = (plan.keyframes[0], texts) if plan.keyframes else None
+                step_plan = replace(plan, prompts=None if keyframes else texts, negatives=negatives,
+                                    keyframes=keyframes, edits=None)
+                context, batch = self._encode(step_plan, prompt_embeds, negative_prompt_embeds, clip_skip)
+                segments.append((last, context))
+            return StepContexts(segments), batch
         times = plan.videos_per_prompt
         if plan.keyframes:
             negative = plan.negatives[:1] if plan.negatives else None
@@ -360,10 +371,10 @@ class TextToVideoPipeline:
                                      clip_skip, plan.prompt_syntax, plan.prompt_weighting)
         return context, context.shape[0] // (2 if plan.cfg else 1)
 
-    def _denoise(self, plan: Plan, context: torch.Tensor, batch: int, generator, latents: torch.Tensor | None,
-                 reporter: StepReporter) -> torch.Tensor:
+    def _denoise(self, plan: Plan, context: torch.Tensor | StepContexts, batch: int, generator,
+                 latents: torch.Tensor | None, reporter: StepReporter) -> torch.Tensor:
         """Initial latents -> the sampler loop (FreeInit passes, windows of frames) -> final latents (B, C, F, h, w)."""
-        device, noise_dtype = self.device, context.dtype
+        device, noise_dtype = self.device, current(context).dtype
         shape = (batch, self.unet.config.in_channels, plan.num_frames, plan.height // self.vae_scale_factor,
                  plan.width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch:
@@ -375,12 +386,15 @@ class TextToVideoPipeline:
         x = x.to(device=device, dtype=torch.float32)
         self._activate(self.unet)
         unet_dtype = self.unet.dtype
-        context = context.to(unet_dtype)
+        stepped = context if isinstance(context, StepContexts) else StepContexts([(plan.steps, context)])
+        stepped = stepped.map(lambda c: c.to(unet_dtype))
         if plan.keyframes is None and self._offload.mode != "sequential":
             # one text per video: its keys and values for every cross-attention, once for the whole generation
             # (per-frame texts stay text: their K/V would be frames times larger; sequential offload keeps the
             # projections off the device outside a forward)
-            context = self.unet.text_kv(context)
+            stepped = stepped.map(self.unet.text_kv)
+        reporter.contexts = stepped if len(stepped.segments) > 1 else None
+        context = stepped if reporter.contexts is not None else stepped.current
         guidance_cond = self._guidance_condition(plan.guidance_scale, batch)
 
         def network(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV) -> torch.Tensor:

@@ -11,6 +11,7 @@ multiplies without the rescale.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -162,4 +163,95 @@ def _encode_ids(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden[-(clip_skip + 1)])
 
 
-__all__ = ["encode_prompts", "parse_prompt_attention", "same_length", "token_chunks"]
+__all__ = ["encode_prompts", "parse_prompt_attention", "prompt_schedule", "same_length", "token_chunks"]
+
+
+# ---- prompt editing and alternation: which text each denoising step sees ----------------------------------------
+
+_NUMBER = re.compile(r"\s*([+-]?(\d+\.?\d*|\.\d+))\s*$")
+
+
+def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+    """A1111's prompt editing over `steps` denoising steps: [(last step, text)], steps counted from 1.
+    `[from:to:when]` uses `from` up to step `when` (a fraction of the steps when < 1) and `to` after it;
+    `[to:when]` adds `to` after `when`, `[from::when]` removes `from` after it; `[a|b|c]` alternates every step.
+    Emphasis brackets stay in the text for parse_prompt_attention. Bad syntax: a clear error naming the position."""
+    tree = _parse_sequence(text, 0, "")[0]
+    texts = [_resolve(tree, step, steps) for step in range(1, steps + 1)]
+    schedule: list[tuple[int, str]] = []
+    for step, resolved in enumerate(texts, 1):
+        if schedule and schedule[-1][1] == resolved:
+            schedule[-1] = (step, resolved)
+        else:
+            schedule.append((step, resolved))
+    return schedule
+
+
+def _parse_sequence(text: str, i: int, closers: str) -> tuple[list, int]:
+    """Nodes until one of `closers` at this depth: plain strings, ("group", open, nodes, close) for emphasis,
+    ("edit", [parts], when) for scheduling, ("alt", [options]) for alternation."""
+    nodes: list = []
+    while i < len(text) and text[i] not in closers:
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            nodes.append(text[i:i + 2])
+            i += 2
+        elif char == "(":
+            inner, j = _parse_sequence(text, i + 1, ")")
+            close = ")" if j < len(text) else ""
+            nodes.append(("group", "(", inner, close))
+            i = j + 1
+        elif char == "[":
+            node, i = _parse_bracket(text, i)
+            nodes.append(node)
+        else:
+            nodes.append(char)
+            i += 1
+    return nodes, i
+
+
+def _parse_bracket(text: str, start: int) -> tuple[Any, int]:
+    parts, separators, i = [], [], start + 1
+    while True:
+        part, i = _parse_sequence(text, i, ":|]")
+        parts.append(part)
+        if i >= len(text):
+            if separators:
+                raise ValueError(f"prompt: the '[' at position {start} starts a prompt edit or alternation that is "
+                                 f"never closed; add ']' (or write '\\[' for a literal bracket): {text!r}")
+            return ("group", "[", parts[0], ""), i
+        if text[i] == "]":
+            break
+        separators.append(text[i])
+        i += 1
+    end = i + 1
+    if "|" in separators:
+        if ":" in separators:
+            raise ValueError(f"prompt: '[' at position {start} mixes ':' and '|'; use [a|b] or [from:to:when]")
+        return ("alt", parts), end
+    if separators and len(parts) in (2, 3):
+        when = _NUMBER.match("".join(p if isinstance(p, str) else "\0" for p in parts[-1]))
+        if when:
+            edit = parts[:-1] if len(parts) == 3 else [[], parts[0]]
+            return ("edit", edit, float(when.group(1))), end
+    # not an edit (e.g. "[less]" or "[a:b]"): emphasis brackets with their text, as A1111 reads them
+    nodes = parts[0]
+    for sep, part in zip(separators, parts[1:]):
+        nodes = [*nodes, sep, *part]
+    return ("group", "[", nodes, "]"), end
+
+
+def _resolve(nodes: list, step: int, steps: int) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif node[0] == "group":
+            out.append(node[1] + _resolve(node[2], step, steps) + node[3])
+        elif node[0] == "alt":
+            out.append(_resolve(node[1][(step - 1) % len(node[1])], step, steps))
+        else:  # edit
+            _, (before, after), when = node
+            last = when * steps if when < 1 else when
+            out.append(_resolve(before if step <= last else after, step, steps))
+    return "".join(out)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .long_video import check_keyframes, check_window, default_window
+from .long_video import check_keyframes, check_window, default_window, keyframe_weights
 from .noise import check_noise_prior, free_init_filter, mix_frequencies, randn
 from .prompts import PROMPT_SYNTAXES, WEIGHTINGS, prompt_schedule
 from .sampling import SAMPLERS
@@ -259,6 +259,23 @@ def sample_with_free_init(model_fn: Callable, x: torch.Tensor, plan: Plan, repor
         reporter.begin_pass(iteration, plan.steps)
         x = sampler(model_fn, x, plan.schedule, noise_sampler=noise_sampler, callback=reporter, **extra)
     return x
+
+
+def travel_context(pipe: Any, plan: Plan, negatives: list[str] | None, videos: int, clip_skip: int | None
+                   ) -> torch.Tensor:
+    """Prompt travel: per-frame text states (videos*F, T, D), interpolated linearly between the keyframe prompts
+    (with guidance, the unconditional text first)."""
+    keys, texts = plan.keyframes
+    embeds = pipe.encode_prompt(texts, None, False, clip_skip=clip_skip, syntax=plan.prompt_syntax,
+                                weighting=plan.prompt_weighting)  # (K, T, D)
+    weights = keyframe_weights(keys, plan.num_frames).to(embeds.device, embeds.dtype)
+    per_frame = torch.einsum("fk,ksd->fsd", weights, embeds).repeat(videos, 1, 1)  # (videos*F, T, D)
+    if not plan.cfg:
+        return per_frame
+    uncond = pipe.encode_prompt([""], negatives, True, syntax=plan.prompt_syntax,
+                                weighting=plan.prompt_weighting)[:1]  # (1, T', D)
+    uncond, per_frame = pipe._same_length(uncond, per_frame)
+    return torch.cat([uncond.expand_as(per_frame), per_frame])
 
 
 def repeat_each(items, times: int):

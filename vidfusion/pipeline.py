@@ -21,10 +21,11 @@ from .generation import (
     postprocess,
     repeat_each,
     sample_with_free_init,
+    travel_context,
 )
 from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
 from .loading import TRAINING_FRAMES
-from .long_video import current, keyframe_weights, reschedule_noise, windowed
+from .long_video import current, reschedule_noise, windowed
 from .lora_formats import read_lora_file
 from .noise import initial_noise, video_noise_sampler
 from .offload import OffloadState, offload_device
@@ -365,7 +366,7 @@ class TextToVideoPipeline:
         times = plan.videos_per_prompt
         if plan.keyframes:
             negative = plan.negatives[:1] if plan.negatives else None
-            return self._travel_context(plan, negative, times, clip_skip), times
+            return travel_context(self, plan, negative, times, clip_skip), times
         context = self.encode_prompt(repeat_each(plan.prompts, times), repeat_each(plan.negatives, times), plan.cfg,
                                      repeat_each(prompt_embeds, times), repeat_each(negative_prompt_embeds, times),
                                      clip_skip, plan.prompt_syntax, plan.prompt_weighting)
@@ -424,21 +425,6 @@ class TextToVideoPipeline:
         if not plan.loop and plan.num_frames > plan.window_size:
             x = reschedule_noise(x, plan.window_size, plan.window_stride, generator)
         return x, 0
-
-    def _travel_context(self, plan: Plan, negatives: list[str] | None, videos: int, clip_skip: int | None
-                        ) -> torch.Tensor:
-        """Per-frame text states (videos*F, T, D), interpolated linearly between keyframe prompts."""
-        keys, texts = plan.keyframes
-        embeds = self.encode_prompt(texts, None, False, clip_skip=clip_skip, syntax=plan.prompt_syntax,
-                                    weighting=plan.prompt_weighting)  # (K, T, D)
-        weights = keyframe_weights(keys, plan.num_frames).to(embeds.device, embeds.dtype)
-        per_frame = torch.einsum("fk,ksd->fsd", weights, embeds).repeat(videos, 1, 1)  # (videos*F, T, D)
-        if not plan.cfg:
-            return per_frame
-        uncond = self.encode_prompt([""], negatives, True, syntax=plan.prompt_syntax,
-                                    weighting=plan.prompt_weighting)[:1]  # (1, T', D)
-        uncond, per_frame = self._same_length(uncond, per_frame)
-        return torch.cat([uncond.expand_as(per_frame), per_frame])
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

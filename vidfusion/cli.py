@@ -210,22 +210,15 @@ def _generate(args: argparse.Namespace) -> list[str]:
         raise FileNotFoundError(f"input video '{init_video}' does not exist")
     _check_at_least_one(args, "steps", "fps", *([] if upscale else ["frames", "num_videos"]))
     fps = args.fps or (round(video_fps(init_video)) if init_video else 8)
-    options = dict(num_inference_steps=args.steps, sampler=args.sampler or ("t2v-turbo" if args.turbo else None),
-                   eta=args.eta, height=args.height, width=args.width)
-    if args.guidance is not None:
-        options["guidance_scale"] = args.guidance
-    options.update(prompt_syntax=args.prompt_syntax, prompt_weighting=args.prompt_weighting)
-    if args.guidance_interval is not None:
-        options["guidance_interval"] = tuple(args.guidance_interval)
-    if args.lora_scale is not None:
-        options["cross_attention_kwargs"] = {"scale": args.lora_scale}
+    options = _sampling_options(args)
+    options.update(height=args.height, width=args.width)
     if not upscale:
         options.update(window_size=args.window_size, window_stride=args.window_stride, loop=args.loop,
                        noise_prior=args.noise_prior, base_noise_ratio=args.base_noise_ratio,
                        freeu=tuple(args.freeu) if args.freeu else None, num_videos_per_prompt=args.num_videos)
         if init_video is None:
             options.update(num_frames=args.frames, free_init_iterations=args.free_init_iterations,
-                           free_init_filter=args.free_init_filter)
+                           free_init_filter=args.free_init_filter, image=args.image, last_image=args.last_image)
     prompt = args.prompt if upscale else _keyframes(args.prompt, args.keyframe)
     pipe = _load(VideoToVideoPipeline if init_video else TextToVideoPipeline, args)
     seed = args.seed if args.seed is not None else random.randrange(2**63)  # recorded, so the video can be remade
@@ -239,6 +232,47 @@ def _generate(args: argparse.Namespace) -> list[str]:
     seeds = f"{seed}" if videos == 1 else f"{seed}..{seed + videos - 1} (one per video)"
     print(f"vidfusion: seed {seeds}; remake with --seed or --from {paths[0]}", file=sys.stderr)
     return paths
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    """Pipeline options every generating command shares (generate, upscale, extend)."""
+    options = dict(num_inference_steps=args.steps, sampler=args.sampler or ("t2v-turbo" if args.turbo else None),
+                   eta=args.eta, prompt_syntax=args.prompt_syntax, prompt_weighting=args.prompt_weighting)
+    if args.guidance is not None:
+        options["guidance_scale"] = args.guidance
+    if args.guidance_interval is not None:
+        options["guidance_interval"] = tuple(args.guidance_interval)
+    if args.lora_scale is not None:
+        options["cross_attention_kwargs"] = {"scale": args.lora_scale}
+    return options
+
+
+def _extend(args: argparse.Namespace) -> str:
+    """`vidfusion extend VIDEO PROMPT`: the video and its continuation, one file (the input's frame rate)."""
+    import random
+
+    import torch
+
+    from .conditioning import extend
+    from .pipeline import TextToVideoPipeline
+    from .video_io import CODECS, export_to_video, video_fps
+
+    if not Path(args.video).is_file():
+        raise FileNotFoundError(f"input video '{args.video}' does not exist")
+    out = Path(args.out) if args.out else _free_output(f"{Path(args.video).stem}-extended", 1)
+    if out.suffix.lower() not in CODECS or not out.parent.exists():
+        raise ValueError(f"--out must end in one of {', '.join(CODECS)} in an existing folder, got '{out}'")
+    _check_at_least_one(args, "steps", "frames", "overlap", "fps")
+    fps = args.fps or round(video_fps(args.video))
+    pipe = _load(TextToVideoPipeline, args)
+    seed = args.seed if args.seed is not None else random.randrange(2**63)
+    frames, ran = extend(pipe, args.video, args.prompt, args.frames, args.overlap,
+                         negative_prompt=args.negative_prompt, generator=torch.Generator().manual_seed(seed),
+                         **_sampling_options(args))
+    meta = {**_metadata(args, ran, seed, fps), "extended": str(args.video), "overlap": args.overlap}
+    path = export_to_video(frames, out, fps=fps, interpolate_fps=args.interpolate_fps, metadata=meta)
+    print(f"vidfusion: seed {seed}", file=sys.stderr)
+    return path
 
 
 def _output_paths(out: Path, count: int) -> list[Path]:
@@ -280,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate" and args.from_file:
             defaults = vars(parser.parse_args(["generate", "x"]))
             _settings_from_video(args, {**defaults, "prompt": None})
-        if args.command in ("generate", "upscale"):
+        if args.command == "extend":
+            print(_extend(args))
+        elif args.command in ("generate", "upscale"):
             print("\n".join(_generate(args)))
         elif args.command == "info":
             print(_info(args))

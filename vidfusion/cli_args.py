@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--fps", type=int, default=None, help="default 8 (the input's with --init-video)")
     gen.add_argument("--init-video", default=None, help="video-to-video: start from this video file")
+    gen.add_argument("--image", default=None, help="fix the first frame to this picture (training-free guidance)")
+    gen.add_argument("--last-image", default=None, help="fix the last frame to this picture")
     gen.add_argument("--strength", type=float, default=0.6, help="with --init-video: 0 keeps it, 1 ignores it")
     gen.add_argument("--keyframe", action="append", default=[], metavar="FRAME:PROMPT",
                      help="prompt travel: the prompt from this frame on (the positional prompt is frame 0)")
@@ -64,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--height", type=int, default=576)
     up.add_argument("--strength", type=float, default=0.6)
     up.add_argument("--fps", type=int, default=None, help="default: the input's")
+
+    ext = sub.add_parser("extend", help="continue a video: new frames whose start is conditioned on its last ones")
+    ext.add_argument("video")
+    ext.add_argument("prompt")
+    _add_generation_options(ext, SAMPLER_NAMES)
+    ext.add_argument("--frames", type=int, default=16, help="frames of the new clip (overlap included)")
+    ext.add_argument("--overlap", type=int, default=4, help="the input's last frames the new clip starts from")
+    ext.add_argument("--fps", type=int, default=None, help="default: the input's")
 
     srv = sub.add_parser("serve", help="HTTP jobs API and web UI")
     srv.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder")

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .conditioning import conditioned_frames, frame_weights
 from .long_video import check_keyframes, check_window, default_window, keyframe_weights
 from .noise import check_noise_prior, free_init_filter, mix_frequencies, randn
 from .prompts import PROMPT_SYNTAXES, WEIGHTINGS, prompt_schedule
-from .sampling import SAMPLERS
+from .sampling import CONSISTENCY, PARTIAL_SAMPLERS, SAMPLERS
 from .schedules import NoiseSchedule, step_defaults
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -52,6 +53,8 @@ class Plan:
     guidance_interval: tuple[float, float] | None = None  # CFG only for sigma in [lo, hi]
     prompt_syntax: str = "a1111"  # "none": brackets are literal text
     prompt_weighting: str = "original"  # A1111's mean-preserving weights, or "plain"
+    images: dict[int, Any] | None = None  # conditioned frames -> picture
+    image_weights: torch.Tensor | None = None  # (F,) blend weights of the pictures' latents
     # prompt editing / alternation: (last step, prompts, negatives) segments; None when every step sees one text
     edits: list[tuple[int, list[str], list[str] | None]] | None = None
 
@@ -90,6 +93,10 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                         free_init_iterations=call["free_init_iterations"])
     check_noise_prior(call["noise_prior"], call["base_noise_ratio"])
     lora_scale = check_cross_attention_kwargs(call["cross_attention_kwargs"])
+    images = conditioned_frames(num_frames, call["image"], call["last_image"], call["images"])
+    if images and base not in CONSISTENCY + ("ddim", "dpmpp-2m", "unipc", "euler", "euler-ancestral", "heun", "lms"):
+        raise ValueError(f"image conditioning needs a sampler that can noise a picture to any step; {base} cannot "
+                         f"(use one of {', '.join(PARTIAL_SAMPLERS)})")
     if call["prompt_syntax"] not in PROMPT_SYNTAXES or call["prompt_weighting"] not in WEIGHTINGS:
         raise ValueError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)} and prompt_weighting one of "
                          f"{', '.join(WEIGHTINGS)}; got {call['prompt_syntax']!r}, {call['prompt_weighting']!r}")
@@ -123,6 +130,8 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"],
                 lora_scale=lora_scale, guidance_interval=interval, prompt_syntax=call["prompt_syntax"],
                 prompt_weighting=call["prompt_weighting"],
+                images=images or None,
+                image_weights=frame_weights(images, num_frames, call["image_weights"]) if images else None,
                 edits=text_edits(keyframes[1] if keyframes else prompts, negatives, steps, call["prompt_syntax"]))
 
 
@@ -202,6 +211,7 @@ class StepReporter:
         self.total, self.bar_options, self.progress = total, bar_options, None
         self.offset = 0
         self.contexts: StepContexts | None = None  # advanced after every step (prompt editing)
+        self.conditioning: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # pictures fixed in frames
 
     def begin_pass(self, iteration: int, steps: int) -> None:
         """A sampler pass starts (FreeInit repeats it): steps count from here, texts from the first step."""
@@ -222,6 +232,8 @@ class StepReporter:
         self.progress.update()
         if self.contexts is not None:
             self.contexts.step = step + 2  # the next step's text (steps count from 1)
+        if self.conditioning is not None:
+            x = self.conditioning(step, x)
         step += self.offset
         if self.callback is not None and step % self.every == 0:
             self.callback(step, t, x)

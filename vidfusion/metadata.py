@@ -25,7 +25,7 @@ CLI_ARGUMENTS = {
     "lora_target": "lora_target", "lora_scale": "lora_scale",
     "guidance_interval": "guidance_interval", "prompt_syntax": "prompt_syntax",
     "prompt_weighting": "prompt_weighting", "turbo": "turbo", "init_video": "init_video",
-    "strength": "strength",
+    "strength": "strength", "image": "image", "last_image": "last_image",
     "window_size": "window_size", "window_stride": "window_stride", "loop": "loop", "noise_prior": "noise_prior",
     "base_noise_ratio": "base_noise_ratio", "freeu": "freeu", "free_init_iterations": "free_init_iterations",
     "free_init_filter": "free_init_filter",

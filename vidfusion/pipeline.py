@@ -12,6 +12,7 @@ import torch
 
 from .adapters import LoraAdapters
 from .checkpoints import load_checkpoint
+from .conditioning import ImageConditioning, encode_pictures
 from .generation import (
     Plan,
     StepContexts,
@@ -328,8 +329,8 @@ class TextToVideoPipeline:
         free_init_temporal: float = 0.25,
         cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_interval: tuple[float, float] | None = None,
-        prompt_syntax: str = "a1111",
-        prompt_weighting: str = "original",
+        prompt_syntax: str = "a1111", prompt_weighting: str = "original",
+        image: Any = None, last_image: Any = None, images: dict[int, Any] | None = None, image_weights: Any = None,
     ) -> TextToVideoOutput | tuple:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
         num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
@@ -406,6 +407,10 @@ class TextToVideoPipeline:
                             plan.keyframes is not None, plan.num_frames, plan.window_size, plan.window_stride,
                             plan.loop)
         noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)
+        if plan.images:  # pictures fixed in their frames after every step (conditioning.py)
+            pictures = encode_pictures(self, plan.images, shape, plan.height, plan.width)
+            reporter.conditioning = ImageConditioning(pictures, plan.image_weights, plan.base, plan.schedule,
+                                                      generator)
         previous_freeu, self.unet.freeu = self.unet.freeu, plan.freeu
         reporter.start()
         try:

@@ -7,13 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .generation import Plan
 from .noise import frame_major_noise
 from .pipeline import TextToVideoOutput, TextToVideoPipeline
 from .sampling import first_step, start_state
-from .video_io import read_video
+from .video_io import read_video, resize_video
 
 
 def video_to_tensor(video: Any) -> torch.Tensor:
@@ -42,16 +41,6 @@ def video_to_tensor(video: Any) -> torch.Tensor:
     if tensor.shape[1] < 1:
         raise ValueError("video has no frames")
     return tensor.cpu() * 2 - 1
-
-
-def resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, F, 3, H, W) -> (B, F, 3, height, width), bicubic with antialiasing, values kept in [-1, 1]."""
-    b, f = video.shape[:2]
-    if video.shape[-2:] == (height, width):
-        return video
-    frames = F.interpolate(video.flatten(0, 1), size=(height, width), mode="bicubic", antialias=True,
-                           align_corners=False)
-    return frames.clamp(-1, 1).view(b, f, 3, height, width)
 
 
 class VideoToVideoPipeline(TextToVideoPipeline):

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .fileio import atomic_file
 
@@ -191,6 +192,16 @@ def _rate(fps: float):
     from fractions import Fraction
 
     return Fraction(fps).limit_denominator(1001)
+
+
+def resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, F, 3, H, W) -> (B, F, 3, height, width), bicubic with antialiasing, values kept in [-1, 1]."""
+    b, f = video.shape[:2]
+    if video.shape[-2:] == (height, width):
+        return video
+    frames = F.interpolate(video.flatten(0, 1), size=(height, width), mode="bicubic", antialias=True,
+                           align_corners=False)
+    return frames.clamp(-1, 1).view(b, f, 3, height, width)
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

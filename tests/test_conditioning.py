@@ -110,3 +110,22 @@ def _png(folder):
     path = folder / "first.png"
     Image.fromarray(PICTURE).save(path)
     return path
+
+
+def test_image_init_strength_starts_from_the_still_picture(ours):
+    """image_init_strength: the first picture over every frame, noised as video-to-video starts (catches a start
+    from plain noise): strength 0 runs no step and every frame is the picture's latent; 0.5 with 4 DDIM steps
+    (751, 501, 251, 1) starts at 251."""
+    args = {**ARGS, "num_inference_steps": 4, "sampler": "ddim"}
+    still = ours(generator=gen(), image=PICTURE, image_init_strength=0.0, **args).frames
+    z = picture_latent(ours)
+    assert all(torch.allclose(still[:, :, f], z, atol=1e-5) for f in range(4))
+    seen = []
+    hook = ours.unet.register_forward_pre_hook(lambda m, a: seen.append(int(a[1])))
+    try:
+        ours(generator=gen(), image=PICTURE, image_init_strength=0.5, **args)
+    finally:
+        hook.remove()
+    assert seen == [251, 1]
+    with pytest.raises(ValueError, match="image_init_strength"):
+        ours(image_init_strength=0.5, **args)  # no picture

@@ -107,6 +107,20 @@ def _own_noise(shape: tuple[int, ...], generator: Any, device: torch.device) -> 
     return torch.cat(parts).to(device)
 
 
+def still_start(pipe: Any, plan: Any, noise: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`image_init_strength`: the first picture's latent over every frame, noised to the first step that strength
+    asks for (as video-to-video starts), and that step. noise (B, C, F, h, w): the call's initial noise."""
+    from .sampling import first_step
+
+    first = min(plan.images)
+    still = encode_pictures(pipe, {first: plan.images[first]}, tuple(noise.shape), plan.height, plan.width)
+    still = still[:, :, first:first + 1].expand_as(noise)
+    start = first_step(plan.base, plan.schedule, plan.image_init_strength)
+    if start >= plan.schedule.num_steps:
+        return still.clone(), start
+    return start_state(plan.base, plan.schedule, still, noise.float(), start), start
+
+
 def encode_pictures(pipe: Any, frames: dict[int, Any], shape: tuple[int, ...], height: int, width: int
                     ) -> torch.Tensor:
     """Each picture resized to the video, VAE-encoded (posterior mean, scaled): latents (B, C, F, h, w), zeros on

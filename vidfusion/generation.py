@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .conditioning import conditioned_frames, frame_weights
+from .layers import guidance_embedding
 from .long_video import check_keyframes, check_window, default_window, keyframe_weights
 from .noise import check_noise_prior, free_init_filter, mix_frequencies, randn
 from .prompts import PROMPT_SYNTAXES, WEIGHTINGS, prompt_schedule
@@ -55,6 +56,7 @@ class Plan:
     prompt_weighting: str = "original"  # A1111's mean-preserving weights, or "plain"
     images: dict[int, Any] | None = None  # conditioned frames -> picture
     image_weights: torch.Tensor | None = None  # (F,) blend weights of the pictures' latents
+    image_init_strength: float | None = None  # start from the first picture over every frame, noised this much
     # prompt editing / alternation: (last step, prompts, negatives) segments; None when every step sees one text
     edits: list[tuple[int, list[str], list[str] | None]] | None = None
 
@@ -97,6 +99,13 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
     if images and base not in CONSISTENCY + ("ddim", "dpmpp-2m", "unipc", "euler", "euler-ancestral", "heun", "lms"):
         raise ValueError(f"image conditioning needs a sampler that can noise a picture to any step; {base} cannot "
                          f"(use one of {', '.join(PARTIAL_SAMPLERS)})")
+    init_strength = call["image_init_strength"]
+    if init_strength is not None and (not images or not isinstance(init_strength, (int, float))
+                                      or not 0 <= init_strength <= 1):
+        raise ValueError(f"image_init_strength must be a number in [0, 1] and needs image= / images=; got "
+                         f"{init_strength!r}")
+    if init_strength is not None and call["free_init_iterations"] > 1:
+        raise ValueError("image_init_strength starts from the picture; it does not combine with free_init_iterations")
     if call["prompt_syntax"] not in PROMPT_SYNTAXES or call["prompt_weighting"] not in WEIGHTINGS:
         raise ValueError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)} and prompt_weighting one of "
                          f"{', '.join(WEIGHTINGS)}; got {call['prompt_syntax']!r}, {call['prompt_weighting']!r}")
@@ -130,7 +139,7 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"],
                 lora_scale=lora_scale, guidance_interval=interval, prompt_syntax=call["prompt_syntax"],
                 prompt_weighting=call["prompt_weighting"],
-                images=images or None,
+                images=images or None, image_init_strength=init_strength,
                 image_weights=frame_weights(images, num_frames, call["image_weights"]) if images else None,
                 edits=text_edits(keyframes[1] if keyframes else prompts, negatives, steps, call["prompt_syntax"]))
 
@@ -288,6 +297,14 @@ def travel_context(pipe: Any, plan: Plan, negatives: list[str] | None, videos: i
                                 weighting=plan.prompt_weighting)[:1]  # (1, T', D)
     uncond, per_frame = pipe._same_length(uncond, per_frame)
     return torch.cat([uncond.expand_as(per_frame), per_frame])
+
+
+def guidance_condition(unet: Any, guidance_scale: float, batch: int, device: torch.device) -> torch.Tensor | None:
+    """The guidance scale as the UNet's guidance embedding (B, D) for a guidance-distilled UNet, else None."""
+    if unet.guidance_embedding_dim is None:
+        return None
+    w = torch.full((batch,), float(guidance_scale), device=device)
+    return guidance_embedding(w, unet.guidance_embedding_dim).to(unet.dtype)
 
 
 def repeat_each(items, times: int):

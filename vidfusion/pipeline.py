@@ -12,19 +12,20 @@ import torch
 
 from .adapters import LoraAdapters
 from .checkpoints import load_checkpoint
-from .conditioning import ImageConditioning, encode_pictures
+from .conditioning import ImageConditioning, encode_pictures, still_start
 from .generation import (
     Plan,
     StepContexts,
     StepReporter,
     Stopped,
+    guidance_condition,
     make_plan,
     postprocess,
     repeat_each,
     sample_with_free_init,
     travel_context,
 )
-from .layers import Downsample, ResnetBlock, TextKV, Upsample, guidance_embedding
+from .layers import Downsample, ResnetBlock, TextKV, Upsample
 from .loading import TRAINING_FRAMES
 from .long_video import current, reschedule_noise, windowed
 from .lora_formats import read_lora_file
@@ -251,14 +252,6 @@ class TextToVideoPipeline:
                 continue
         return table
 
-    def _guidance_condition(self, guidance_scale: float, batch: int) -> torch.Tensor | None:
-        """The guidance scale as the UNet's guidance embedding (B, D) for a guidance-distilled UNet, else None."""
-        dim = self.unet.guidance_embedding_dim
-        if dim is None:
-            return None
-        w = torch.full((batch,), float(guidance_scale), device=self.device)
-        return guidance_embedding(w, dim).to(self.unet.dtype)
-
     def compile(self, *, regional: bool = True, mode: str | None = None, backend: str = "inductor"
                 ) -> TextToVideoPipeline:
         """Opt-in torch.compile of the UNet and the VAE decoder (the forward has no graph breaks). regional:
@@ -331,6 +324,7 @@ class TextToVideoPipeline:
         guidance_interval: tuple[float, float] | None = None,
         prompt_syntax: str = "a1111", prompt_weighting: str = "original",
         image: Any = None, last_image: Any = None, images: dict[int, Any] | None = None, image_weights: Any = None,
+        image_init_strength: float | None = None,
     ) -> TextToVideoOutput | tuple:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
         num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
@@ -397,7 +391,7 @@ class TextToVideoPipeline:
             stepped = stepped.map(self.unet.text_kv)
         reporter.contexts = stepped if len(stepped.segments) > 1 else None
         context = stepped if reporter.contexts is not None else stepped.current
-        guidance_cond = self._guidance_condition(plan.guidance_scale, batch)
+        guidance_cond = guidance_condition(self.unet, plan.guidance_scale, batch, device)
 
         def network(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV) -> torch.Tensor:
             return self.unet(x_in.to(unet_dtype), t.to(device), ctx, guidance_cond)
@@ -429,7 +423,7 @@ class TextToVideoPipeline:
         x = initial_noise(shape, generator, self.device, dtype, plan.noise_prior, plan.base_noise_ratio)
         if not plan.loop and plan.num_frames > plan.window_size:
             x = reschedule_noise(x, plan.window_size, plan.window_stride, generator)
-        return x, 0
+        return still_start(self, plan, x) if plan.image_init_strength is not None else (x, 0)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

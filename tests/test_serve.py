@@ -322,3 +322,34 @@ def test_interpolate_fps_field(server, tmp_path):
     path = tmp_path / "s.mp4"
     path.write_bytes(content)
     assert read_metadata(path)["interpolate_fps"] == 16
+
+
+def test_picture_upload_conditions_the_first_frame(server, tmp_path):
+    """POST /v1/videos/upload (multipart: params + image): the job runs with the picture as its first frame and
+    keeps it with the job; a file that is not an image is a 422 naming the field, one over --max-upload-mb a 413."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    picture = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    params = json.dumps({**SMALL, "prompt": "from a picture", "seed": 4})
+    with server.client() as c:
+        r = c.post("/v1/videos/upload", data={"params": params}, files={"image": ("p.png", png.getvalue())})
+        assert r.status_code == 202, r.text
+        job = wait_for(c, r.json()["id"])
+        assert job["status"] == "succeeded" and job["params"]["image"].endswith(".png")
+        plain = wait_for(c, c.post("/v1/videos", json={**SMALL, "prompt": "from a picture", "seed": 4}).json()["id"])
+        with_picture = c.get(f"/v1/videos/{job['id']}/content").content
+        assert with_picture != c.get(f"/v1/videos/{plain['id']}/content").content
+        bad = c.post("/v1/videos/upload", data={"params": params}, files={"image": ("x.png", b"not an image")})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "image"
+        big = c.post("/v1/videos/upload", data={"params": params}, files={"image": ("x.png", b"0" * (21 * 2**20))})
+        assert big.status_code == 413
+        invalid = c.post("/v1/videos/upload", data={"params": json.dumps({"prompt": ""})})
+        assert invalid.status_code == 422 and invalid.json()["detail"][0]["loc"][-1] == "prompt"
+    import pathlib
+
+    assert pathlib.Path(job["params"]["image"]).is_file()

@@ -90,3 +90,28 @@ def test_preview_updates_while_the_job_runs(tiny_checkpoint, tmp_path, browser):
         page.wait_for_function("document.getElementById('status').textContent.startsWith('cancelled')")
     finally:
         srv.stop()
+
+
+def test_a_first_frame_picture_from_the_form(tiny_checkpoint, tmp_path, browser):
+    """The form's picture field goes through the multipart upload and the job keeps the picture."""
+    import numpy as np
+    from PIL import Image
+
+    picture = tmp_path / "first.png"
+    Image.fromarray((np.random.default_rng(2).random((32, 32, 3)) * 255).astype(np.uint8)).save(picture)
+    srv = Server(tiny_checkpoint, tmp_path / "data").start()
+    try:
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        page.fill("#prompt", "a lighthouse")
+        for field, value in (("num_frames", "2"), ("width", "32"), ("height", "32"), ("num_inference_steps", "2")):
+            page.fill(f"#{field}", value)
+        page.set_input_files("#image", str(picture))
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('succeeded')",
+                               timeout=60_000)
+        with srv.client() as c:
+            (job,) = c.get("/v1/videos").json()["data"]
+            assert job["params"]["image"].endswith(".png")
+    finally:
+        srv.stop()

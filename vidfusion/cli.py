@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> None:
     size = pipes[0].unet.config.sample_size * pipes[0].vae_scale_factor
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
                              max_frames=args.max_frames, max_pixels=args.max_pixels, default_height=size,
+                             max_upload_mb=args.max_upload_mb,
                              default_width=size, model=str(args.model),
                              sampler_defaults=pipes[0].sampler_defaults(), video_metadata=_lora_metadata(args))
     app = create_app(JobStore(args.data_dir), pipes, settings)

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=100, help="queued + running jobs before 429")
     srv.add_argument("--max-frames", type=int, default=128)
     srv.add_argument("--max-pixels", type=int, default=1024 * 1024, help="most height x width per frame")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture a request may upload")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_lora_options(srv)
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..schedules import SAMPLER_NAMES
 from .jobs import FINISHED, STATUSES, IdempotencyConflictError, JobStore, QueueFullError
@@ -34,6 +35,7 @@ class ServeSettings:
     # sampler name ("" = the pipeline's default) -> (num_inference_steps, guidance_scale) when a request leaves them
     # out: TextToVideoPipeline.sampler_defaults(); a sampler missing here is refused (422)
     sampler_defaults: dict[str, tuple[int, float]] = field(default_factory=lambda: {"": (50, 9.0)})
+    max_upload_mb: float = 20.0  # the largest picture a request may upload
     video_metadata: dict[str, Any] = field(default_factory=dict)  # stored in every video beside its parameters
 
 
@@ -114,6 +116,28 @@ def video_params(body: VideoRequest, settings: ServeSettings) -> dict[str, Any]:
     return params
 
 
+def store_picture(data: bytes, field: str, folder, max_mb: float) -> str:
+    """An uploaded picture checked (size: 413, not an image: 422 naming the field) and kept as PNG in the job
+    inputs folder; returns its path."""
+    import io
+    import uuid
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..fileio import atomic_file
+
+    if len(data) > max_mb * 2**20:
+        raise HTTPException(413, f"{field}: {len(data) / 2**20:.1f} MB is more than this server's {max_mb:g} MB")
+    try:
+        picture = Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        raise _field_error(field, f"{field} is not an image (PNG, JPEG, WebP, ...)") from None
+    path = folder / f"{uuid.uuid4().hex}.png"
+    with atomic_file(path, suffix=".png") as tmp:
+        picture.save(tmp, format="PNG")
+    return str(path)
+
+
 async def _job_events(store: JobStore, job_id: str, request: Request) -> AsyncIterator[str]:
     """Server-sent events: the job's JSON whenever its status or step changes, until it is finished."""
     last, idle, n = None, 0.0, 0
@@ -148,6 +172,31 @@ def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
                      idempotency_key: str | None = Header(default=None, max_length=200)) -> dict[str, Any]:
         try:
             job, _ = store.submit(video_params(body, settings), idempotency_key, settings.max_queue)
+        except QueueFullError as exc:
+            raise HTTPException(429, f"queue is full: {exc}; retry later", headers={"Retry-After": "10"}) from None
+        except IdempotencyConflictError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return job.to_json()
+
+    @api.post("/videos/upload", status_code=202)
+    async def create_video_with_pictures(request: Request,
+                                         idempotency_key: str | None = Header(default=None, max_length=200)
+                                         ) -> dict[str, Any]:
+        """multipart/form-data: `params` (the JSON body of POST /v1/videos) and `image` and/or `last_image` files
+        (the first / last frame, training-free conditioning). The pictures are kept with the job, so a re-run after a
+        crash uses them."""
+        form = await request.form()
+        try:
+            body = VideoRequest.model_validate_json(form.get("params") or "{}")
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+        params = video_params(body, settings)
+        for name in ("image", "last_image"):
+            upload = form.get(name)
+            if upload is not None and hasattr(upload, "read"):
+                params[name] = store_picture(await upload.read(), name, store.input_dir, settings.max_upload_mb)
+        try:
+            job, _ = store.submit(params, idempotency_key, settings.max_queue)
         except QueueFullError as exc:
             raise HTTPException(429, f"queue is full: {exc}; retry later", headers={"Retry-After": "10"}) from None
         except IdempotencyConflictError as exc:

@@ -80,6 +80,8 @@ class JobStore:
         self.image_dir = self.data_dir / "images"  # latest-step previews and posters
         self.video_dir.mkdir(parents=True, exist_ok=True)
         self.image_dir.mkdir(exist_ok=True)
+        self.input_dir = self.data_dir / "inputs"  # uploaded pictures, kept with their jobs
+        self.input_dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row

@@ -65,6 +65,8 @@ _PAGE = """<!doctype html>
       <div><label for="sampler">Sampler</label><select id="sampler">__SAMPLERS__</select></div>
       <div><label for="seed">Seed (empty: random)</label><input id="seed" type="number" min="0"></div>
     </div>
+    <label for="image">First frame picture (optional)</label>
+    <input id="image" type="file" accept="image/*">
     <button id="generate" type="submit">Generate</button>
     <button id="cancel" type="button" class="secondary" disabled>Cancel</button>
   </form>
@@ -167,8 +169,16 @@ $("form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   $("generate").disabled = true; $("error").textContent = ""; $("download").hidden = true;
   try {
-    const r = await api("/v1/videos", {method: "POST", body: JSON.stringify(params()),
-                                       headers: {"Content-Type": "application/json"}});
+    let r;
+    if ($("image").files.length) {  // a first-frame picture: multipart upload
+      const form = new FormData();
+      form.append("params", JSON.stringify(params()));
+      form.append("image", $("image").files[0]);
+      r = await api("/v1/videos/upload", {method: "POST", body: form});
+    } else {
+      r = await api("/v1/videos", {method: "POST", body: JSON.stringify(params()),
+                                   headers: {"Content-Type": "application/json"}});
+    }
     current = (await r.json()).id;
     previewStep = 0;
     $("cancel").disabled = false;

@@ -75,7 +75,8 @@ class Worker(threading.Thread):
             output = self.pipe(params["prompt"], params.get("negative_prompt"), num_frames=params["num_frames"],
                                height=params["height"], width=params["width"], num_inference_steps=total,
                                guidance_scale=params["guidance_scale"], sampler=params.get("sampler"),
-                               generator=generator, callback=on_step, output_type="np")
+                               generator=generator, callback=on_step, output_type="np",
+                               image=params.get("image"), last_image=params.get("last_image"))
             frames = output.frames[0]
             if self.store.status_of(job_id) != RUNNING:
                 return

@@ -154,3 +154,16 @@ def test_prompt_editing_with_prompt_travel(ours):
     fixed = ours({0: "a cat", 1: "a boat"}, num_frames=2, height=16, width=16, num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0), output_type="latent").frames
     assert out.shape == fixed.shape and not torch.equal(out, fixed)
+
+
+def test_long_prompt_chunks_break_after_a_nearby_comma(ours):
+    """As the webui (comma_padding_backtrack 20): a chunk that fills up moves the text after a comma within the
+    last 20 tokens into the next chunk, so a phrase is not cut in two."""
+    tok = ours.tokenizer
+    comma = tok(",", add_special_tokens=False).input_ids[-1]
+    ids, _ = token_chunks(tok, ", ".join(["a cat dog"] * 30), "a1111")
+    first = ids[0, 1:].tolist()
+    last_text = max(i for i, t in enumerate(first) if t not in (tok.pad_token_id, tok.eos_token_id))
+    assert first[last_text] == comma  # the first chunk ends at a comma, the phrase after it moved on
+    phrase = tok("a cat dog", add_special_tokens=False).input_ids
+    assert ids[1, 1:1 + len(phrase)].tolist() == phrase

@@ -20,6 +20,7 @@ from .text_encoder import encode_text
 PROMPT_SYNTAXES = ("a1111", "none")
 WEIGHTINGS = ("original", "plain")
 CHUNK = 75  # tokens of text per CLIP call (+ BOS and EOS)
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 ROUND_BRACKET, SQUARE_BRACKET = 1.1, 1 / 1.1
 
 # A1111's modules/prompt_parser.py tokens: escapes, brackets, ":weight)" closers, text runs, a lone ":"
@@ -92,14 +93,23 @@ def token_chunks(tokenizer, text: str, syntax: str) -> tuple[torch.Tensor, torch
     """(ids, weights), each (C, 77): the prompt's tokens in chunks of 75 between BOS and EOS, padded as the
     tokenizer pads; BREAK closes a chunk early."""
     runs = parse_prompt_attention(text) if syntax == "a1111" else [(text, 1.0)]
+    comma = tokenizer(",", add_special_tokens=False).input_ids[-1:]
     chunks: list[list[tuple[int, float]]] = [[]]
+    last_comma = -1
     for piece, weight in runs:
         if weight == -1:  # BREAK
             chunks.append([])
+            last_comma = -1
             continue
         for token in tokenizer(piece, add_special_tokens=False).input_ids:
             if len(chunks[-1]) == CHUNK:
-                chunks.append([])
+                # as the webui: text after a comma at most COMMA_BACKTRACK tokens back moves to the next chunk
+                moved = chunks[-1][last_comma + 1:] if 0 <= CHUNK - 1 - last_comma < COMMA_BACKTRACK else []
+                chunks[-1] = chunks[-1][:CHUNK - len(moved)]
+                chunks.append(moved)
+                last_comma = -1
+            if [token] == comma:
+                last_comma = len(chunks[-1])
             chunks[-1].append((token, weight))
     chunks = [c for c in chunks if c] or [[]]
     length = tokenizer.model_max_length

@@ -157,26 +157,20 @@ async def _job_events(store: JobStore, job_id: str, request: Request) -> AsyncIt
             idle = 0.0
 
 
-def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
-    """The REST jobs API under /v1."""
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_token_check(settings))])
+def _submit(store: JobStore, params: dict[str, Any], idempotency_key: str | None,
+            settings: ServeSettings) -> dict[str, Any]:
+    """Queue a job: 429 when the queue is full, 409 for an idempotency key reused with other parameters."""
+    try:
+        job, _ = store.submit(params, idempotency_key, settings.max_queue)
+    except QueueFullError as exc:
+        raise HTTPException(429, f"queue is full: {exc}; retry later", headers={"Retry-After": "10"}) from None
+    except IdempotencyConflictError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return job.to_json()
 
-    def find(job_id: str):
-        job = store.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job with id {job_id!r}")
-        return job
 
-    @api.post("/videos", status_code=202)
-    def create_video(body: VideoRequest,
-                     idempotency_key: str | None = Header(default=None, max_length=200)) -> dict[str, Any]:
-        try:
-            job, _ = store.submit(video_params(body, settings), idempotency_key, settings.max_queue)
-        except QueueFullError as exc:
-            raise HTTPException(429, f"queue is full: {exc}; retry later", headers={"Retry-After": "10"}) from None
-        except IdempotencyConflictError as exc:
-            raise HTTPException(409, str(exc)) from None
-        return job.to_json()
+def _add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings) -> None:
+    """POST /v1/videos/upload: a job with pictures (multipart)."""
 
     @api.post("/videos/upload", status_code=202)
     async def create_video_with_pictures(request: Request,
@@ -195,13 +189,25 @@ def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
             upload = form.get(name)
             if upload is not None and hasattr(upload, "read"):
                 params[name] = store_picture(await upload.read(), name, store.input_dir, settings.max_upload_mb)
-        try:
-            job, _ = store.submit(params, idempotency_key, settings.max_queue)
-        except QueueFullError as exc:
-            raise HTTPException(429, f"queue is full: {exc}; retry later", headers={"Retry-After": "10"}) from None
-        except IdempotencyConflictError as exc:
-            raise HTTPException(409, str(exc)) from None
-        return job.to_json()
+        return _submit(store, params, idempotency_key, settings)
+
+
+def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
+    """The REST jobs API under /v1."""
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_token_check(settings))])
+
+    def find(job_id: str):
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job with id {job_id!r}")
+        return job
+
+    @api.post("/videos", status_code=202)
+    def create_video(body: VideoRequest,
+                     idempotency_key: str | None = Header(default=None, max_length=200)) -> dict[str, Any]:
+        return _submit(store, video_params(body, settings), idempotency_key, settings)
+
+    _add_upload_route(api, store, settings)
 
     @api.get("/videos")
     def list_videos(status: Literal[STATUSES] | None = None,  # type: ignore[valid-type]

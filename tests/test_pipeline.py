@@ -74,11 +74,15 @@ def test_progress_bar_and_callbacks(tiny_checkpoint, capsys):
     assert "2/2" not in capsys.readouterr().err
 
 
-def test_long_prompts_are_truncated_with_a_warning(ours, caplog):
+def test_long_prompts_are_encoded_in_chunks_not_truncated(ours, caplog):
+    """Over 75 tokens the prompt continues in a second 77-token chunk (issue 22; it used to be cut at 77 with a
+    warning): the words after the 75th token still reach the UNet."""
     prompt = " ".join(["cat"] * 80) + " zebra"
     with caplog.at_level(logging.WARNING, logger="vidfusion"):
-        ours.encode_prompt([prompt], None, False)
-    assert "truncated" in caplog.text and "zebra" in caplog.text
+        states = ours.encode_prompt([prompt], None, False)
+    assert states.shape[1] == 154 and "truncated" not in caplog.text
+    without = ours.encode_prompt([" ".join(["cat"] * 80) + " dog"], None, False)
+    assert not torch.allclose(states[:, 77:], without[:, 77:])  # zebra is in the second chunk
 
 
 def test_scheduler_objects_select_the_sampler(fresh):

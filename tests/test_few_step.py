@@ -252,3 +252,25 @@ def test_serve_turbo_defaults(tiny_checkpoint, turbo, tmp_path, monkeypatch):
             assert done["status"] == "succeeded", done
     finally:
         server.stop()
+
+
+def test_convert_fuses_the_turbo_lora_into_a_checkpoint(tiny_checkpoint, turbo, tmp_path, pipe):
+    """`vidfusion convert SRC DST --lora X --fuse`: the written checkpoint is the merged model (the same video as
+    loading the LoRA at run time, no merging at start), T2V-Turbo's guidance embedding kept (time_cond_proj_dim),
+    so it samples with t2v-turbo by default; LoRAs without fuse are refused."""
+    from vidfusion import convert
+
+    path, _ = turbo
+    out = convert(tiny_checkpoint, tmp_path / "fused", to="diffusers", loras=[(str(path), 1.0)], fuse=True)
+    fused = TextToVideoPipeline.from_pretrained(out)
+    fused.set_progress_bar_config(disable=True)
+    assert fused.unet.guidance_embedding_dim is not None and fused.generation_defaults()[0] == "t2v-turbo"
+    pipe.load_lora_weights(path)
+    try:
+        expected = pipe(generator=torch.Generator().manual_seed(0), output_type="latent", **BASE).frames
+    finally:
+        pipe.unload_lora_weights()
+    got = fused(generator=torch.Generator().manual_seed(0), output_type="latent", **BASE).frames
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="fuse"):
+        convert(tiny_checkpoint, tmp_path / "other", loras=[(str(path), 1.0)])

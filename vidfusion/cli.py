@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             from .convert import convert
 
             print(convert(args.src, args.dst, to=args.to, dtype=args.dtype, vae=args.vae, clip=args.clip,
-                          overwrite=args.overwrite))
+                          overwrite=args.overwrite, loras=_lora_specs(args), lora_weight_name=args.lora_weight_name,
+                          lora_target=args.lora_target, turbo=args.turbo, fuse=args.fuse))
         elif args.command == "train-lora":
             from .train import TrainOptions, train_lora
 

@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="original folders without CLIP: where to take it; to original: the OpenCLIP file whose "
                            "unused weights (last block, projection, visual) are copied")
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    conv.add_argument("--fuse", action="store_true", help="merge the --lora / --turbo adapters into the weights")
+    _add_lora_options(conv)
 
     info = sub.add_parser("info", help="print the generation settings stored in a video vidfusion wrote")
     info.add_argument("video")

@@ -3,6 +3,7 @@ complete or not at all. Built on the pipeline (it loads either layout) and the o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from .fileio import atomic_folder
 from .loading import resolve_checkpoint
+from .lora import apply_loras
 from .original_format import (
     ConversionError,
     clip_to_openclip,
@@ -26,11 +28,17 @@ from .published import MODEL_INDEX, config_json
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None, dtype: str | None = None,
             vae: str | os.PathLike | None = None, clip: str | os.PathLike | None = None,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, loras: list[tuple[str, float]] | None = None, lora_weight_name: str | None = None,
+            lora_target: str | None = None, turbo: bool = False, fuse: bool = False) -> Path:
     """Convert a checkpoint between the diffusers layout and the original ModelScope layout (`to`: "diffusers" or
     "original"; default the other one than SRC's). DST appears complete or not at all. From an original folder,
     `vae` / `clip` supply parts it lacks; to the original layout, `clip` (an OpenCLIP file or original folder)
-    supplies the text-tower weights the model does not use (last block, projection, visual tower)."""
+    supplies the text-tower weights the model does not use (last block, projection, visual tower). With `fuse`, the
+    `loras` ((path or hub id, weight), any format) and T2V-Turbo's with `turbo` are merged into the written weights:
+    the result loads like any checkpoint and needs no merging at start (T2V-Turbo keeps its guidance embedding,
+    `time_cond_proj_dim` in the UNet config; diffusers layout only)."""
+    if (loras or turbo) and not fuse:
+        raise ValueError("LoRAs given to convert are merged into the checkpoint: pass fuse=True (CLI: --fuse)")
     source = resolve_checkpoint(src)
     original_source = is_original_folder(source)
     to = to or ("diffusers" if original_source else "original")
@@ -48,6 +56,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         raise FileNotFoundError(f"output folder '{dst.parent}' does not exist")
     parts = {"vae": vae, "text_encoder": clip} if original_source and to == "diffusers" else {}
     pipe = TextToVideoPipeline.from_pretrained(source, **parts)
+    if loras or turbo:
+        apply_loras(pipe, loras or [], lora_weight_name, lora_target, turbo)
+        if pipe.unet.guidance_embedding_dim is not None and to != "diffusers":
+            raise ValueError("a T2V-Turbo UNet (guidance embedding) has no original-format names; use to='diffusers'")
     with atomic_folder(dst, replace=True) as tmp:
         if to == "diffusers":
             _write_diffusers(pipe, tmp, target_dtype)
@@ -70,7 +82,10 @@ def _write_diffusers(pipe, folder: Path, dtype: torch.dtype | None) -> None:
     (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     for name, model, cls in (("unet", pipe.unet, "UNet3DConditionModel"), ("vae", pipe.vae, "AutoencoderKL")):
         (folder / name).mkdir()
-        (folder / name / "config.json").write_text(json.dumps(config_json(model.config, cls), indent=2))
+        config = model.config
+        if name == "unet" and model.guidance_embedding_dim is not None:  # a fused T2V-Turbo LoRA
+            config = dataclasses.replace(config, time_cond_proj_dim=model.guidance_embedding_dim)
+        (folder / name / "config.json").write_text(json.dumps(config_json(config, cls), indent=2))
         save_file(_cast(model.state_dict(), dtype), folder / name / "diffusion_pytorch_model.safetensors")
     text = pipe.text_encoder.to(dtype) if dtype is not None else pipe.text_encoder
     text.save_pretrained(folder / "text_encoder", safe_serialization=True)

@@ -119,6 +119,11 @@ def _load(cls, args: argparse.Namespace):
         pipe.enable_sequential_cpu_offload(device=args.device)
     else:
         pipe.to(device)
+    kind, _, source = args.decoder.partition(":")
+    if kind not in ("vae", "tiny"):
+        raise ValueError(f"--decoder must be vae or tiny[:ID_OR_PATH], got {args.decoder!r}")
+    if kind == "tiny":
+        pipe.load_tiny_decoder(source or "madebyollin/taesd")
     if args.vae_slicing:
         pipe.enable_vae_slicing()
     if args.vae_tiling:
@@ -245,6 +250,8 @@ def _sampling_options(args: argparse.Namespace) -> dict:
         options["guidance_interval"] = tuple(args.guidance_interval)
     if args.lora_scale is not None:
         options["cross_attention_kwargs"] = {"scale": args.lora_scale}
+    if args.decoder != "vae":
+        options["decoder"] = "tiny"
     return options
 
 

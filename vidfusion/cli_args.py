@@ -192,6 +192,8 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
                    help="original: A1111's mean-preserving emphasis; plain: without the rescale")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="classifier-free guidance only at noise levels sigma in [LO, HI] (one UNet pass elsewhere)")
+    p.add_argument("--decoder", default="vae", metavar="vae|tiny[:ID_OR_PATH]",
+                   help="final decode: the VAE, or TAESD's tiny decoder (default madebyollin/taesd) for drafts")
     p.add_argument("--interpolate-fps", type=int, default=None, metavar="FPS",
                    help="smooth the video to this frame rate (motion-compensated; the original frames are kept)")
     p.add_argument("--lora-scale", type=float, default=None,

@@ -94,6 +94,9 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
     check_positive_ints(num_videos_per_prompt=call["num_videos_per_prompt"],
                         free_init_iterations=call["free_init_iterations"])
     check_noise_prior(call["noise_prior"], call["base_noise_ratio"])
+    if call["decoder"] not in ("vae", "tiny") or (call["decoder"] == "tiny" and pipe.tiny_decoder is None):
+        raise ValueError(f"decoder must be 'vae' or 'tiny' (after pipe.load_tiny_decoder(); CLI --decoder tiny), "
+                         f"got {call['decoder']!r}")
     lora_scale = check_cross_attention_kwargs(call["cross_attention_kwargs"])
     images = conditioned_frames(num_frames, call["image"], call["last_image"], call["images"])
     if images and base not in CONSISTENCY + ("ddim", "dpmpp-2m", "unipc", "euler", "euler-ancestral", "heun", "lms"):

@@ -25,7 +25,7 @@ CLI_ARGUMENTS = {
     "lora_target": "lora_target", "lora_scale": "lora_scale",
     "guidance_interval": "guidance_interval", "prompt_syntax": "prompt_syntax",
     "prompt_weighting": "prompt_weighting", "turbo": "turbo", "init_video": "init_video",
-    "strength": "strength", "image": "image", "last_image": "last_image",
+    "strength": "strength", "image": "image", "last_image": "last_image", "decoder": "decoder",
     "window_size": "window_size", "window_stride": "window_stride", "loop": "loop", "noise_prior": "noise_prior",
     "base_noise_ratio": "base_noise_ratio", "freeu": "freeu", "free_init_iterations": "free_init_iterations",
     "free_init_filter": "free_init_filter",
@@ -52,5 +52,7 @@ def video_settings(ran: dict[str, Any], request: dict[str, Any], **extra: Any) -
         settings.pop("free_init_iterations"), settings.pop("free_init_filter", None)
     if not settings.get("eta"):
         settings.pop("eta", None)
+    if settings.get("decoder") == "vae":  # the default decode
+        settings.pop("decoder")
     return {k: v for k, v in settings.items()
             if not (v is None or v is False or (isinstance(v, (str, list)) and not v))}

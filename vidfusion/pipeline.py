@@ -36,6 +36,7 @@ from .sampling import cfg_model, guidance_interval
 from .schedulers import Scheduler
 from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, resolve_sampler, sampler_options, step_defaults
 from .text_encoder import encode_text
+from .tiny_vae import decode_frames, load_tiny_decoder
 from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
 from .vae import approximate_rgb
 
@@ -77,6 +78,7 @@ class TextToVideoPipeline:
         self._freeu: tuple[float, float, float, float] | None = None
         self._interrupted = False
         self._lora = LoraAdapters()
+        self.tiny_decoder: torch.nn.Module | None = None  # load_tiny_decoder()
 
     # ---- loading and placement ------------------------------------------------------------------------
 
@@ -242,8 +244,7 @@ class TextToVideoPipeline:
         return (sampler or base, *step_defaults(base, self.default_guidance_scale))
 
     def sampler_defaults(self) -> dict[str, tuple[int, float]]:
-        """(num_inference_steps, guidance_scale) for every sampler name this pipeline can run, "" for its default
-        sampler: what the service and its web form fill in when a request leaves them out."""
+        """(steps, guidance) of every sampler this pipeline can run ("": its default), for the service and form."""
         table = {"": self.generation_defaults()[1:]}
         for name in SAMPLER_NAMES:
             try:
@@ -324,7 +325,7 @@ class TextToVideoPipeline:
         guidance_interval: tuple[float, float] | None = None,
         prompt_syntax: str = "a1111", prompt_weighting: str = "original",
         image: Any = None, last_image: Any = None, images: dict[int, Any] | None = None, image_weights: Any = None,
-        image_init_strength: float | None = None,
+        image_init_strength: float | None = None, decoder: str = "vae",
     ) -> TextToVideoOutput | tuple:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
         num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
@@ -341,7 +342,7 @@ class TextToVideoPipeline:
         finally:
             reporter.close()
             self._interrupted = False
-        video = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)  # 4. frames
+        video = x if output_type == "latent" else postprocess(self.decode_latents(x, decoder), output_type)  # 4.
         self._offload.release(self._models())
         return TextToVideoOutput(frames=video, settings=plan.settings()) if return_dict else (video,)
 
@@ -425,9 +426,15 @@ class TextToVideoPipeline:
             x = reschedule_noise(x, plan.window_size, plan.window_stride, generator)
         return still_start(self, plan, x) if plan.image_init_strength is not None else (x, 0)
 
+    def load_tiny_decoder(self, source: str | os.PathLike = "madebyollin/taesd") -> None:
+        """TAESD's decoder (tiny_vae.py) for `decoder="tiny"`: drafts decoded with ~18x fewer FLOPs."""
+        self.tiny_decoder = load_tiny_decoder(source, self.vae.dtype).to(self.device)
+
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (B, C, F, h, w) -> video (B, F, 3, H, W) float32 in [-1, 1]."""
+    def decode_latents(self, latents: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
+        """latents (B, C, F, h, w) -> video (B, F, 3, H, W) float32 in [-1, 1], by the VAE or the tiny decoder."""
+        if decoder == "tiny":
+            return decode_frames(self.tiny_decoder, latents.to(self.device))
         self._activate(self.vae)
         b, c, f, h, w = latents.shape
         z = (latents / self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .hub import hub_folder, looks_like_repo_id
+from .layers import use_channels_last_weights
 from .loading import build_strict, read_json
 from .state_files import read_state_file
 
@@ -84,12 +85,13 @@ def load_tiny_decoder(source: str | os.PathLike = "madebyollin/taesd", dtype: to
         if first is None:
             raise CheckpointError(f"{path}: no first convolution ('1.weight'): not madebyollin's TAESD decoder")
         kwargs = dict(latent_channels=first.shape[1], channels=(first.shape[0],) * 4)  # one width throughout
-    return build_strict(lambda: TinyDecoder(**kwargs), state, dtype, str(path))
+    return use_channels_last_weights(build_strict(lambda: TinyDecoder(**kwargs), state, dtype, str(path)))
 
 
 @torch.no_grad()
 def decode_frames(decoder: TinyDecoder, latents: torch.Tensor) -> torch.Tensor:
     """latents (B, C, F, h, w) as the sampler returns them -> video (B, F, 3, H, W) float32 in [-1, 1]."""
     b, c, f, h, w = latents.shape
-    images = decoder(latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(decoder.layers[0].weight.dtype))
-    return images.view(b, f, *images.shape[1:]).float()
+    frames = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(decoder.layers[0].weight.dtype)
+    images = decoder(frames.contiguous(memory_format=torch.channels_last))  # oneDNN's fast conv layout on CPU
+    return images.reshape(b, f, *images.shape[1:]).float()

@@ -199,7 +199,7 @@ def _generate(args: argparse.Namespace) -> list[str]:
 
     from .pipeline import TextToVideoPipeline
     from .video2video import VideoToVideoPipeline
-    from .video_io import CODECS, export_to_video, video_fps
+    from .video_io import export_to_video, video_fps
 
     upscale = args.command == "upscale"
     if args.prompt is None:
@@ -208,10 +208,7 @@ def _generate(args: argparse.Namespace) -> list[str]:
     videos = 1 if upscale else args.num_videos
     out = Path(args.out) if args.out else _free_output(f"{slugify(args.prompt)}{'-upscaled' if upscale else ''}",
                                                         videos or 1)
-    if out.suffix.lower() not in CODECS:
-        raise ValueError(f"--out must end in one of {', '.join(CODECS)}, got '{out}'")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"output folder '{out.parent}' does not exist")
+    _check_out(out)
     if init_video is not None and not Path(init_video).is_file():
         raise FileNotFoundError(f"input video '{init_video}' does not exist")
     _check_at_least_one(args, "steps", "fps", *([] if upscale else ["frames", "num_videos"]))
@@ -240,6 +237,15 @@ def _generate(args: argparse.Namespace) -> list[str]:
     return paths
 
 
+def _check_out(out: Path) -> None:
+    from .video_io import CODECS
+
+    if out.suffix.lower() not in CODECS:
+        raise ValueError(f"--out must end in one of {', '.join(CODECS)}, got '{out}'")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"output folder '{out.parent}' does not exist")
+
+
 def _sampling_options(args: argparse.Namespace) -> dict:
     """Pipeline options every generating command shares (generate, upscale, extend)."""
     options = dict(num_inference_steps=args.steps, sampler=args.sampler or ("t2v-turbo" if args.turbo else None),
@@ -263,13 +269,12 @@ def _extend(args: argparse.Namespace) -> str:
 
     from .conditioning import extend
     from .pipeline import TextToVideoPipeline
-    from .video_io import CODECS, export_to_video, video_fps
+    from .video_io import export_to_video, video_fps
 
     if not Path(args.video).is_file():
         raise FileNotFoundError(f"input video '{args.video}' does not exist")
     out = Path(args.out) if args.out else _free_output(f"{Path(args.video).stem}-extended", 1)
-    if out.suffix.lower() not in CODECS or not out.parent.exists():
-        raise ValueError(f"--out must end in one of {', '.join(CODECS)} in an existing folder, got '{out}'")
+    _check_out(out)
     _check_at_least_one(args, "steps", "frames", "overlap", "fps")
     fps = args.fps or round(video_fps(args.video))
     pipe = _load(TextToVideoPipeline, args)

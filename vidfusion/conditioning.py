@@ -19,7 +19,7 @@ import torch
 from .noise import randn
 from .sampling import start_state
 from .schedules import NoiseSchedule
-from .video_io import resize_video
+from .video_io import resize_video, video_to_tensor
 
 
 def picture_to_tensor(picture: Any) -> torch.Tensor:
@@ -33,14 +33,11 @@ def picture_to_tensor(picture: Any) -> torch.Tensor:
         picture = Image.open(picture)
     if hasattr(picture, "convert"):
         picture = np.asarray(picture.convert("RGB"))
-    if isinstance(picture, np.ndarray):
-        if picture.ndim != 3 or picture.shape[-1] != 3:
-            raise ValueError(f"an image array must be (H, W, 3), got {picture.shape}")
-        array = picture.astype(np.float32) / 255 if picture.dtype == np.uint8 else picture.astype(np.float32)
-        picture = torch.from_numpy(array).permute(2, 0, 1)
-    if not isinstance(picture, torch.Tensor) or picture.dim() != 3 or picture.shape[0] != 3:
+    is_array = isinstance(picture, np.ndarray) and picture.ndim == 3 and picture.shape[-1] == 3
+    is_tensor = isinstance(picture, torch.Tensor) and picture.dim() == 3 and picture.shape[0] == 3
+    if not (is_array or is_tensor):
         raise ValueError("an image must be a PIL image, an (H, W, 3) array, a (3, H, W) tensor or an image file")
-    return picture.float().cpu() * 2 - 1
+    return video_to_tensor(picture[None])[0, 0]  # a one-frame video: the same conversion as video inputs
 
 
 def conditioned_frames(num_frames: int, image: Any = None, last_image: Any = None,

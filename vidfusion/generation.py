@@ -17,7 +17,7 @@ from .layers import guidance_embedding
 from .long_video import check_keyframes, check_window, default_window, keyframe_weights
 from .noise import check_noise_prior, free_init_filter, mix_frequencies, randn
 from .prompts import PROMPT_SYNTAXES, WEIGHTINGS, prompt_schedule
-from .sampling import CONSISTENCY, PARTIAL_SAMPLERS, SAMPLERS
+from .sampling import PARTIAL_BASES, PARTIAL_SAMPLERS, SAMPLERS
 from .schedules import NoiseSchedule, step_defaults
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -99,7 +99,7 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                          f"got {call['decoder']!r}")
     lora_scale = check_cross_attention_kwargs(call["cross_attention_kwargs"])
     images = conditioned_frames(num_frames, call["image"], call["last_image"], call["images"])
-    if images and base not in CONSISTENCY + ("ddim", "dpmpp-2m", "unipc", "euler", "euler-ancestral", "heun", "lms"):
+    if images and base not in PARTIAL_BASES:
         raise ValueError(f"image conditioning needs a sampler that can noise a picture to any step; {base} cannot "
                          f"(use one of {', '.join(PARTIAL_SAMPLERS)})")
     init_strength = call["image_init_strength"]

@@ -355,6 +355,8 @@ def _start_timesteps(sampler: str, schedule: NoiseSchedule) -> np.ndarray:
 
 CONSISTENCY = ("lcm", "t2v-turbo")
 # samplers that can start part-way through their schedule (video-to-video); pndm cannot
+# base samplers start_state can noise a clean latent for (pndm cannot start part-way)
+PARTIAL_BASES = ("ddim", "dpmpp-2m", "unipc", "euler", "euler-ancestral", "heun", "lms", *CONSISTENCY)
 PARTIAL_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-ancestral", "heun", "lms", "unipc", "lcm",
                     "mcm", "t2v-turbo")
 

@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from .generation import Plan
 from .noise import frame_major_noise
 from .pipeline import TextToVideoOutput, TextToVideoPipeline
 from .sampling import first_step, start_state
-from .video_io import read_video, resize_video
-
-
-def video_to_tensor(video: Any) -> torch.Tensor:
-    """Frames as the pipelines return them (np (F, H, W, 3) / (B, F, H, W, 3) in [0, 1] or uint8, torch
-    (F, 3, H, W) / (B, F, 3, H, W) in [0, 1], a list of PIL images) or a video file path
-    -> float32 (B, F, 3, H, W) in [-1, 1]."""
-    if isinstance(video, (str, os.PathLike)):
-        video = read_video(video)
-    if isinstance(video, (list, tuple)) and video and hasattr(video[0], "convert"):  # PIL images
-        video = np.stack([np.asarray(frame.convert("RGB")) for frame in video])
-    if isinstance(video, np.ndarray):
-        if video.ndim not in (4, 5) or video.shape[-1] != 3:
-            raise ValueError(f"video array must be (frames, H, W, 3) or (batch, frames, H, W, 3), got {video.shape}")
-        array = video.astype(np.float32) / 255 if video.dtype == np.uint8 else video.astype(np.float32)
-        tensor = torch.from_numpy(array).movedim(-1, -3)
-    elif isinstance(video, torch.Tensor):
-        if video.dim() not in (4, 5) or video.shape[-3] != 3:
-            raise ValueError(f"video tensor must be (frames, 3, H, W) or (batch, frames, 3, H, W), got "
-                             f"{tuple(video.shape)}")
-        tensor = video.float() / 255 if video.dtype == torch.uint8 else video.float()
-    else:
-        raise ValueError("video must be frames (numpy array, torch tensor, list of PIL images) or a video file path, "
-                         f"got {type(video).__name__}")
-    if tensor.dim() == 4:
-        tensor = tensor[None]
-    if tensor.shape[1] < 1:
-        raise ValueError("video has no frames")
-    return tensor.cpu() * 2 - 1
+from .video_io import resize_video, video_to_tensor
 
 
 class VideoToVideoPipeline(TextToVideoPipeline):

@@ -32,37 +32,35 @@ def _serve(args: argparse.Namespace) -> None:
     if not is_loopback(args.host) and token is None:
         raise ValueError(f"refusing to serve on non-loopback host {args.host!r} without a token: pass --token or "
                          "set VIDFUSION_TOKEN")
-    _check_at_least_one(args, "max_queue", "max_frames", "max_pixels")
+    _check_at_least_one(args, "max_queue", "max_frames", "max_pixels", "workers")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.ray is None and (args.workers or args.gpus_per_worker or args.cpus_per_worker):
+        raise ValueError("--workers, --gpus-per-worker and --cpus-per-worker need --ray (local, auto or an address)")
+    if args.ray is not None and args.device:
+        raise ValueError("--device is for the embedded server; with --ray use --gpus-per-worker")
 
     import logging
 
     import uvicorn
 
-    from .pipeline import TextToVideoPipeline
-    from .serve.app import ServeSettings, create_app
-    from .serve.jobs import JobStore
+    from .serve.app import ServeSettings
+    from .serve.launch import ModelOptions, local_app, ray_app
+    from .serve.render import lora_files
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .devices import device_and_dtype
-
-    pipes = []
-    for device in args.device or [None]:
-        device, dtype = device_and_dtype(device, args.dtype)
-        pipe = TextToVideoPipeline.from_pretrained(args.model, dtype=dtype, variant=args.variant,
-                                                   revision=args.revision, vae=args.vae,
-                                                   text_encoder=args.clip).to(device)
-        _apply_loras(pipe, args)
-        pipe.set_progress_bar_config(disable=True)
-        pipes.append(pipe)
-    size = pipes[0].unet.config.sample_size * pipes[0].vae_scale_factor
+    lora_files(args.lora_dir)  # checked before anything loads
+    options = ModelOptions(model=str(args.model), variant=args.variant, revision=args.revision, dtype=args.dtype,
+                           vae=args.vae, clip=args.clip, loras=_lora_specs(args),
+                           lora_weight_name=args.lora_weight_name, lora_target=args.lora_target, turbo=args.turbo,
+                           lora_dir=args.lora_dir)
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
-                             max_frames=args.max_frames, max_pixels=args.max_pixels, default_height=size,
-                             max_upload_mb=args.max_upload_mb,
-                             default_width=size, model=str(args.model),
-                             sampler_defaults=pipes[0].sampler_defaults(), video_metadata=_lora_metadata(args))
-    app = create_app(JobStore(args.data_dir), pipes, settings)
+                             max_frames=args.max_frames, max_pixels=args.max_pixels,
+                             max_upload_mb=args.max_upload_mb, model=str(args.model))
+    if args.ray is None:
+        app = local_app(settings, options, args.device or [None])
+    else:
+        app = ray_app(settings, options, args.ray, args.workers, args.gpus_per_worker, args.cpus_per_worker)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
 

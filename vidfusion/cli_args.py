@@ -91,8 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=100, help="queued + running jobs before 429")
     srv.add_argument("--max-frames", type=int, default=128)
     srv.add_argument("--max-pixels", type=int, default=1024 * 1024, help="most height x width per frame")
-    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture a request may upload")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture or video a request may upload")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    srv.add_argument("--ray", default=None, metavar="ADDRESS",
+                     help="run jobs on Ray actors: 'local' starts a local instance, 'auto' or an address joins a "
+                          "cluster (default: in this process, one worker per --device)")
+    srv.add_argument("--workers", type=int, default=None,
+                     help="with --ray: actors (default: one per GPU of the cluster, or one per machine without GPUs)")
+    srv.add_argument("--gpus-per-worker", type=float, default=None)
+    srv.add_argument("--cpus-per-worker", type=float, default=None)
+    srv.add_argument("--lora-dir", default=None,
+                     help="folder of LoRAs a request may name (file stem) with a weight; loaded once on every worker")
     _add_lora_options(srv)
 
     bat = sub.add_parser("batch", help="generate every row of a JSONL / CSV file (resumable; --ray to scale out)")

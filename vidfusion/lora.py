@@ -11,8 +11,8 @@ from .lora_formats import AdaptableLayers, Adapter, LoraFile, LoraLayer, build_a
 from .metadata import lora_settings
 from .published import TURBO_LORA
 
-__all__ = ["AdaptableLayers", "Adapter", "LoraAdapters", "LoraError", "LoraFile", "LoraLayer", "apply_loras",
-           "build_adapter", "list_candidates", "read_lora_file"]
+__all__ = ["AdaptableLayers", "Adapter", "LoraAdapters", "LoraError", "LoraFile", "LoraLayer", "adapter_weights",
+           "apply_loras", "build_adapter", "list_candidates", "read_lora_file"]
 
 
 def apply_loras(pipe: Any, loras: list[tuple[str, float]], weight_name: str | None = None, target: str | None = None,
@@ -24,3 +24,8 @@ def apply_loras(pipe: Any, loras: list[tuple[str, float]], weight_name: str | No
     if turbo:
         pipe.load_lora_weights(TURBO_LORA[0], weight_name=TURBO_LORA[1], adapter_name="t2v-turbo")
     return lora_settings(loras, weight_name, target, turbo)
+
+
+def adapter_weights(pipe: Any) -> dict[str, float]:
+    """The switchable (unfused) adapters `pipe` uses now -> their weights."""
+    return dict(pipe._lora.active)

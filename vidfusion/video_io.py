@@ -313,6 +313,24 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"comment": comment}
 
 
+def probe_video(path: str | os.PathLike) -> tuple[int, int, int, float]:
+    """(frames, height, width, fps) of a video file, every frame decoded (so a broken file is found), none kept."""
+    import av
+
+    frames, height, width = 0, 0, 0
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                frames, height, width = frames + 1, frame.height, frame.width
+            fps = float(stream.average_rate or 8)
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise ValueError(f"cannot read video '{path}': {exc}") from None
+    if not frames:
+        raise ValueError(f"video '{path}' has no frames")
+    return frames, height, width, fps
+
+
 def video_fps(path: str | os.PathLike) -> float:
     """Frame rate of a video file."""
     import av

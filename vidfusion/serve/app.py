@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import ipaddress
 import json
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
@@ -16,10 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..fileio import atomic_file, write_bytes
 from ..schedules import SAMPLER_NAMES
+from ..video_io import probe_video
 from .jobs import FINISHED, STATUSES, IdempotencyConflictError, JobStore, QueueFullError
 from .ui import render_ui
-from .worker import Worker
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".m4v")
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,20 @@ class ServeSettings:
     # sampler name ("" = the pipeline's default) -> (num_inference_steps, guidance_scale) when a request leaves them
     # out: TextToVideoPipeline.sampler_defaults(); a sampler missing here is refused (422)
     sampler_defaults: dict[str, tuple[int, float]] = field(default_factory=lambda: {"": (50, 9.0)})
-    max_upload_mb: float = 20.0  # the largest picture a request may upload
-    video_metadata: dict[str, Any] = field(default_factory=dict)  # stored in every video beside its parameters
+    # the same for video-to-video jobs (a video input: guidance 15 for the multi-step samplers)
+    video_sampler_defaults: dict[str, tuple[int, float]] = field(default_factory=lambda: {"": (50, 15.0)})
+    max_upload_mb: float = 20.0  # the largest picture or video a request may upload
+    video_metadata: dict[str, Any] = field(default_factory=dict)  # model, base LoRAs: recorded in every video
+    loras: tuple[str, ...] = ()  # adapters a request may name (--lora-dir), loaded once on every worker
+
+
+class LoraChoice(BaseModel):
+    """One of the server's adapters (GET /v1/loras) and its weight for this job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    weight: float = Field(default=1.0, ge=-10.0, le=10.0)
 
 
 class VideoRequest(BaseModel):
@@ -55,6 +73,8 @@ class VideoRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     fps: int = Field(default=8, ge=1, le=60)
     interpolate_fps: int | None = Field(default=None, ge=2, le=120)  # motion-interpolated to this rate
+    loras: list[LoraChoice] = Field(default_factory=list, max_length=16)  # per-request adapters (--lora-dir)
+    strength: float | None = Field(default=None, ge=0.0, le=1.0)  # video inputs: 0 keeps the video, 1 ignores it
 
     @field_validator("prompt")
     @classmethod
@@ -92,42 +112,85 @@ def _token_check(settings: ServeSettings):
     return require_token
 
 
-def video_params(body: VideoRequest, settings: ServeSettings) -> dict[str, Any]:
-    """A request's parameters with this server's defaults filled in (size; steps and guidance of its sampler) and
-    its limits checked (422 naming the field)."""
+@dataclass(frozen=True)
+class SourceVideo:
+    """An uploaded input video, checked and kept in the job inputs folder."""
+
+    path: str
+    frames: int
+    height: int
+    width: int
+    fps: float
+
+
+def video_params(body: VideoRequest, settings: ServeSettings, source: SourceVideo | None = None) -> dict[str, Any]:
+    """A request's parameters with this server's defaults filled in (size; steps and guidance of its sampler; for a
+    video input its size, length and frame rate) and its limits checked (422 naming the field)."""
     params = body.model_dump()
+    if source is not None:
+        _video_defaults(params, body.model_fields_set, source, settings)
+    elif params["strength"] is not None:
+        raise _field_error("strength", "strength applies to a video input: upload a `video` to /v1/videos/upload")
     params["height"] = params["height"] or settings.default_height
     params["width"] = params["width"] or settings.default_width
-    defaults = settings.sampler_defaults.get(params["sampler"] or "")
+    table = settings.video_sampler_defaults if source is not None else settings.sampler_defaults
+    defaults = table.get(params["sampler"] or "")
     if defaults is None:
         raise _field_error("sampler", f"sampler {params['sampler']!r} does not run on this server's model; "
-                                      f"choose one of: {', '.join(s for s in settings.sampler_defaults if s)}")
+                                      f"choose one of: {', '.join(s for s in table if s)}")
     if params["num_inference_steps"] is None:
         params["num_inference_steps"] = defaults[0]
     if params["guidance_scale"] is None:
         params["guidance_scale"] = defaults[1]
+    _check_loras(params["loras"], settings)
     if params["interpolate_fps"] is not None and params["interpolate_fps"] <= params["fps"]:
         raise _field_error("interpolate_fps", f"interpolate_fps must be above fps ({params['fps']})")
     if params["num_frames"] > settings.max_frames:
-        raise _field_error("num_frames", f"num_frames must be at most {settings.max_frames} on this server")
+        raise _field_error("num_frames", f"num_frames must be at most {settings.max_frames} on this server" +
+                           (" (the video is longer: pass num_frames to use its first frames)" if source else ""))
     if params["height"] * params["width"] > settings.max_pixels:
         raise _field_error("height", f"height x width = {params['height'] * params['width']} pixels; this "
                                      f"server allows at most {settings.max_pixels} per frame")
     return params
 
 
-def store_picture(data: bytes, field: str, folder, max_mb: float) -> str:
+def _video_defaults(params: dict[str, Any], given: set[str], source: SourceVideo, settings: ServeSettings) -> None:
+    """A video job's defaults: all its frames, its size (to multiples of 8), its frame rate, strength 0.6."""
+    if "num_frames" in given and params["num_frames"] > source.frames:
+        raise _field_error("num_frames", f"the video has {source.frames} frames; num_frames={params['num_frames']}")
+    if "num_frames" not in given:
+        params["num_frames"] = source.frames
+    params["height"] = params["height"] or max(8, source.height // 8 * 8)
+    params["width"] = params["width"] or max(8, source.width // 8 * 8)
+    if "fps" not in given:
+        params["fps"] = max(1, min(60, round(source.fps)))
+    if params["strength"] is None:
+        params["strength"] = 0.6
+    params["video"] = source.path
+
+
+def _check_loras(loras: list[dict[str, Any]], settings: ServeSettings) -> None:
+    names = [lora["name"] for lora in loras]
+    for name in names:
+        if name not in settings.loras:
+            raise _field_error("loras", f"unknown LoRA {name!r}; this server has: "
+                                        f"{', '.join(settings.loras) or 'none (start it with --lora-dir)'}")
+    if len(set(names)) != len(names):
+        raise _field_error("loras", "a LoRA is named twice; give each once with its weight")
+
+
+def _check_upload_size(data: bytes, field: str, max_mb: float) -> None:
+    if len(data) > max_mb * 2**20:
+        raise HTTPException(413, f"{field}: {len(data) / 2**20:.1f} MB is more than this server's {max_mb:g} MB "
+                                 "(--max-upload-mb)")
+
+
+def store_picture(data: bytes, field: str, folder: Path, max_mb: float) -> str:
     """An uploaded picture checked (size: 413, not an image: 422 naming the field) and kept as PNG in the job
     inputs folder; returns its path."""
-    import io
-    import uuid
-
     from PIL import Image, UnidentifiedImageError
 
-    from ..fileio import atomic_file
-
-    if len(data) > max_mb * 2**20:
-        raise HTTPException(413, f"{field}: {len(data) / 2**20:.1f} MB is more than this server's {max_mb:g} MB")
+    _check_upload_size(data, field, max_mb)
     try:
         picture = Image.open(io.BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError):
@@ -136,6 +199,21 @@ def store_picture(data: bytes, field: str, folder, max_mb: float) -> str:
     with atomic_file(path, suffix=".png") as tmp:
         picture.save(tmp, format="PNG")
     return str(path)
+
+
+def store_video(data: bytes, filename: str, folder: Path, max_mb: float) -> SourceVideo:
+    """An uploaded video checked (size: 413; not a video, or undecodable: 422) and kept as uploaded in the job
+    inputs folder, so a re-run after a crash uses the same bytes."""
+    _check_upload_size(data, "video", max_mb)
+    suffix = Path(filename or "").suffix.lower()
+    path = folder / f"{uuid.uuid4().hex}{suffix if suffix in VIDEO_SUFFIXES else '.mp4'}"
+    write_bytes(path, data)
+    try:
+        frames, height, width, fps = probe_video(path)
+    except ValueError:
+        path.unlink(missing_ok=True)
+        raise _field_error("video", "video is not a video file ffmpeg can decode (mp4, webm, gif, mov, ...)") from None
+    return SourceVideo(str(path), frames, height, width, fps)
 
 
 async def _job_events(store: JobStore, job_id: str, request: Request) -> AsyncIterator[str]:
@@ -170,21 +248,26 @@ def _submit(store: JobStore, params: dict[str, Any], idempotency_key: str | None
 
 
 def _add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings) -> None:
-    """POST /v1/videos/upload: a job with pictures (multipart)."""
+    """POST /v1/videos/upload: a job with input files (multipart)."""
 
     @api.post("/videos/upload", status_code=202)
-    async def create_video_with_pictures(request: Request,
-                                         idempotency_key: str | None = Header(default=None, max_length=200)
-                                         ) -> dict[str, Any]:
-        """multipart/form-data: `params` (the JSON body of POST /v1/videos) and `image` and/or `last_image` files
-        (the first / last frame, training-free conditioning). The pictures are kept with the job, so a re-run after a
-        crash uses them."""
+    async def create_video_with_inputs(request: Request,
+                                       idempotency_key: str | None = Header(default=None, max_length=200)
+                                       ) -> dict[str, Any]:
+        """multipart/form-data: `params` (the JSON body of POST /v1/videos, with `strength` for a video), a `video`
+        file (video-to-video; height/width resize it, e.g. to upscale) and/or `image` / `last_image` files (the
+        first / last frame, training-free conditioning). The inputs are kept with the job, so a re-run after a crash
+        uses them."""
         form = await request.form()
         try:
             body = VideoRequest.model_validate_json(form.get("params") or "{}")
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-        params = video_params(body, settings)
+        video = form.get("video")
+        source = None
+        if video is not None and hasattr(video, "read"):
+            source = store_video(await video.read(), video.filename, store.input_dir, settings.max_upload_mb)
+        params = video_params(body, settings, source)
         for name in ("image", "last_image"):
             upload = form.get(name)
             if upload is not None and hasattr(upload, "read"):
@@ -208,6 +291,12 @@ def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
         return _submit(store, video_params(body, settings), idempotency_key, settings)
 
     _add_upload_route(api, store, settings)
+
+    @api.get("/loras")
+    def list_loras() -> dict[str, Any]:
+        """The adapters a request may name in `loras` (with a weight), and those every job uses."""
+        base = settings.video_metadata.get("loras", [])
+        return {"object": "list", "data": [{"name": name} for name in settings.loras], "base": base}
 
     @api.get("/videos")
     def list_videos(status: Literal[STATUSES] | None = None,  # type: ignore[valid-type]
@@ -260,10 +349,9 @@ def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
     return api
 
 
-def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -> FastAPI:
-    """The app around a job store and one loaded pipeline per device (one worker thread each)."""
-    base = {"model": settings.model, **settings.video_metadata}
-    workers = [Worker(store, pipe, str(getattr(pipe, "device", i)), base) for i, pipe in enumerate(pipes)]
+def create_app(store: JobStore, workers: Sequence[Any], settings: ServeSettings) -> FastAPI:
+    """The app around a job store and its runners: worker.Worker threads (one pipeline per local device) or a
+    ray_workers.RayWorkers pool; each has start(), stop(), join(timeout) and status()."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -283,7 +371,7 @@ def create_app(store: JobStore, pipes: Sequence[Any], settings: ServeSettings) -
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model, "workers": [w.name for w in workers],
+        return {"status": "ok", "model": settings.model, "workers": [s for w in workers for s in w.status()],
                 "pending": store.pending()}
 
     page = render_ui(settings, SAMPLER_NAMES)

@@ -80,7 +80,7 @@ class JobStore:
         self.image_dir = self.data_dir / "images"  # latest-step previews and posters
         self.video_dir.mkdir(parents=True, exist_ok=True)
         self.image_dir.mkdir(exist_ok=True)
-        self.input_dir = self.data_dir / "inputs"  # uploaded pictures, kept with their jobs
+        self.input_dir = self.data_dir / "inputs"  # uploaded pictures and videos, kept with their jobs
         self.input_dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
@@ -115,6 +115,7 @@ class JobStore:
         half-written temp files are removed. Returns the ids that were requeued."""
         remove_temp_files(self.video_dir)
         remove_temp_files(self.image_dir)
+        remove_temp_files(self.input_dir)
         with self._lock:
             rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
             requeued = []
@@ -209,6 +210,21 @@ class JobStore:
                 "WHERE id = ? AND status = ?", (status, error, time.time(), status == SUCCEEDED, job_id, RUNNING))
         self._notify()
         return cur.rowcount == 1
+
+    def requeue(self, job_id: str, cause: str) -> str | None:
+        """A running job whose runner died: queued again (same params, so the same seed), or failed with `cause`
+        after MAX_ATTEMPTS attempts. Returns its new status (None when it was no longer running)."""
+        with self._lock:
+            row = self._db.execute(
+                "UPDATE jobs SET status = CASE WHEN attempts >= ? THEN ? ELSE ? END, step = 0, "
+                "started_at = CASE WHEN attempts >= ? THEN started_at END, "
+                "finished_at = CASE WHEN attempts >= ? THEN ? END, "
+                "error = CASE WHEN attempts >= ? THEN 'WorkerDied: its worker died ' || attempts || ' times (' || ? "
+                "|| ')' END WHERE id = ? AND status = ? RETURNING status",
+                (MAX_ATTEMPTS, FAILED, QUEUED, MAX_ATTEMPTS, MAX_ATTEMPTS, time.time(), MAX_ATTEMPTS, cause[:300],
+                 job_id, RUNNING)).fetchone()
+        self._notify()
+        return None if row is None else row[0]
 
     def cancel(self, job_id: str) -> Job | None:
         """Queued or running -> cancelled (a running job's worker notices at its next step)."""

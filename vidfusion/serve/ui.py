@@ -20,6 +20,9 @@ _PAGE = """<!doctype html>
   main { display: grid; grid-template-columns: minmax(300px, 420px) 1fr; gap: 1.5rem; padding: 1.5rem; }
   section { background: #fff; border-radius: 8px; padding: 1rem 1.2rem; box-shadow: 0 1px 3px rgba(0,0,0,.08); }
   label { display: block; font-size: .85rem; margin-top: .6rem; color: #555; }
+  fieldset { margin-top: .8rem; border: 1px solid #ddd; border-radius: 6px; }
+  fieldset .lora { display: grid; grid-template-columns: auto 1fr 5rem; gap: .4rem; align-items: center; }
+  fieldset .lora input[type=checkbox] { width: auto; }
   input, textarea, select { width: 100%; box-sizing: border-box; padding: .4rem; font: inherit; }
   textarea { min-height: 4.5rem; }
   .row { display: grid; grid-template-columns: 1fr 1fr; gap: .6rem; }
@@ -67,6 +70,11 @@ _PAGE = """<!doctype html>
     </div>
     <label for="image">First frame picture (optional)</label>
     <input id="image" type="file" accept="image/*">
+    <label for="video">Input video: restyle or upscale it (optional; width / height resize it)</label>
+    <input id="video" type="file" accept="video/*,image/gif">
+    <label for="strength">Strength for the input video (0 keeps it, 1 ignores it)</label>
+    <input id="strength" type="number" min="0" max="1" step="0.05" value="0.6">
+    <fieldset id="loras" __LORAS_HIDDEN__><legend>LoRAs</legend>__LORAS__</fieldset>
     <button id="generate" type="submit">Generate</button>
     <button id="cancel" type="button" class="secondary" disabled>Cancel</button>
   </form>
@@ -91,6 +99,7 @@ $("sampler").addEventListener("change", () => {  // a few-step sampler brings it
   const d = CFG.sampler_defaults[$("sampler").value];
   if (d) { $("num_inference_steps").value = d.steps; $("guidance_scale").value = d.guidance; }
 });
+$("num_frames").addEventListener("change", () => { $("num_frames").dataset.touched = "1"; });
 $("token").addEventListener("change", () => { localStorage.setItem("vidfusion-token", $("token").value); gallery(); });
 
 function headers(extra) {
@@ -116,6 +125,11 @@ function params() {
     if ($(k).value !== "") p[k] = parseInt($(k).value, 10);
   p.guidance_scale = parseFloat($("guidance_scale").value);
   if ($("sampler").value) p.sampler = $("sampler").value;
+  if ($("video").files.length) p.strength = parseFloat($("strength").value);
+  if ($("video").files.length && $("num_frames").dataset.touched !== "1") delete p.num_frames;  // all its frames
+  p.loras = [];
+  for (const box of document.querySelectorAll("#loras input[type=checkbox]:checked"))
+    p.loras.push({name: box.value, weight: parseFloat($("weight-" + box.dataset.i).value)});
   return p;
 }
 function show(job) {
@@ -170,10 +184,10 @@ $("form").addEventListener("submit", async (ev) => {
   $("generate").disabled = true; $("error").textContent = ""; $("download").hidden = true;
   try {
     let r;
-    if ($("image").files.length) {  // a first-frame picture: multipart upload
+    if ($("image").files.length || $("video").files.length) {  // input files: multipart upload
       const form = new FormData();
       form.append("params", JSON.stringify(params()));
-      form.append("image", $("image").files[0]);
+      for (const k of ["image", "video"]) if ($(k).files.length) form.append(k, $(k).files[0]);
       r = await api("/v1/videos/upload", {method: "POST", body: form});
     } else {
       r = await api("/v1/videos", {method: "POST", body: JSON.stringify(params()),
@@ -235,7 +249,13 @@ def render_ui(settings: Any, samplers: Sequence[str]) -> str:
               "sampler_defaults": {name: {"steps": steps, "guidance": guidance}
                                    for name, (steps, guidance) in defaults.items()}}
     steps, guidance = defaults[""]
+    loras = "".join(
+        f'<div class="lora"><input type="checkbox" id="lora-{i}" value="{html.escape(name)}" data-i="{i}">'
+        f'<label for="lora-{i}">{html.escape(name)}</label>'
+        f'<input id="weight-{i}" type="number" step="0.05" value="1" aria-label="weight of {html.escape(name)}"></div>'
+        for i, name in enumerate(settings.loras))
     return (_PAGE.replace("__MODEL__", html.escape(settings.model)).replace("__W__", str(settings.default_width))
             .replace("__H__", str(settings.default_height)).replace("__STEPS__", str(steps))
             .replace("__GUIDANCE__", f"{guidance:g}").replace("__SAMPLERS__", options)
+            .replace("__LORAS_HIDDEN__", "" if settings.loras else "hidden").replace("__LORAS__", loras)
             .replace("__CONFIG__", json.dumps(config)))

@@ -23,15 +23,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, data_dir: Path, *args: str, token: str | None = None):
-        self.checkpoint, self.data_dir, self.args, self.token = checkpoint, data_dir, args, token
+    def __init__(self, checkpoint: Path, data_dir: Path, *args: str, token: str | None = None,
+                 env: dict[str, str] | None = None):
+        self.checkpoint, self.data_dir, self.args, self.token, self.env = checkpoint, data_dir, args, token, env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = data_dir.parent / f"server-{self.port}.log"
 
     def start(self, timeout: float = 120) -> Server:
-        env = {**os.environ, "VIDFUSION_TOKEN": self.token or ""}
+        env = {**os.environ, **self.env, "VIDFUSION_TOKEN": self.token or ""}
         cmd = [sys.executable, "-m", "vidfusion.cli", "serve", "--model", str(self.checkpoint), "--data-dir",
                str(self.data_dir), "--port", str(self.port), "--log-level", "warning", *self.args]
         with open(self.log, "a") as log:

@@ -115,3 +115,43 @@ def test_a_first_frame_picture_from_the_form(tiny_checkpoint, tmp_path, browser)
             assert job["params"]["image"].endswith(".png")
     finally:
         srv.stop()
+
+
+def test_video_input_and_loras_from_the_form(tiny_checkpoint, tmp_path, browser):
+    """The form's video field and LoRA list: the job gets the uploaded video (all its frames unless the frame count
+    was changed), the strength and the ticked LoRA with its weight; unticked ones are not sent."""
+    import numpy as np
+
+    from vidfusion.pipeline import TextToVideoPipeline
+    from vidfusion.video_io import export_to_video
+
+    from .test_serve_inputs import write_lora
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    pipe = TextToVideoPipeline.from_pretrained(tiny_checkpoint)
+    write_lora(pipe, loras / "motion-pan.safetensors", 1)
+    write_lora(pipe, loras / "style.safetensors", 2)
+    video = export_to_video((np.random.default_rng(3).random((3, 32, 32, 3)) * 255).astype(np.uint8),
+                            str(tmp_path / "in.mp4"), fps=8)
+    srv = Server(tiny_checkpoint, tmp_path / "data", "--lora-dir", str(loras)).start()
+    try:
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        assert page.inner_text("#loras").split() == ["LoRAs", "motion-pan", "style"]
+        page.fill("#prompt", "restyle it")
+        page.fill("#num_inference_steps", "2")
+        page.set_input_files("#video", video)
+        page.fill("#strength", "0.45")
+        page.check("#lora-1")
+        page.fill("#weight-1", "0.7")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('succeeded')",
+                               timeout=60_000)
+        with srv.client() as c:
+            (job,) = c.get("/v1/videos").json()["data"]
+        params = job["params"]
+        assert params["video"].endswith(".mp4") and params["strength"] == 0.45 and params["num_frames"] == 3
+        assert params["loras"] == [{"name": "style", "weight": 0.7}]
+    finally:
+        srv.stop()

@@ -132,7 +132,7 @@ class JobRunner:
         with tempfile.TemporaryDirectory(prefix="vidfusion-job-") as tmp:
             pipe, options = self._call_options(params, inputs, Path(tmp))
             generator = torch.Generator("cpu").manual_seed(params["seed"])  # same video on any device
-            output = pipe(params["prompt"], params.get("negative_prompt"), num_inference_steps=total,
+            output = pipe(params["prompt"], negative_prompt=params.get("negative_prompt"), num_inference_steps=total,
                           height=params["height"], width=params["width"], guidance_scale=params["guidance_scale"],
                           sampler=params.get("sampler"), generator=generator, callback=on_step, output_type="np",
                           **options)

@@ -99,7 +99,8 @@ $("sampler").addEventListener("change", () => {  // a few-step sampler brings it
   const d = CFG.sampler_defaults[$("sampler").value];
   if (d) { $("num_inference_steps").value = d.steps; $("guidance_scale").value = d.guidance; }
 });
-$("num_frames").addEventListener("change", () => { $("num_frames").dataset.touched = "1"; });
+for (const k of ["num_frames", "width", "height", "fps"])
+  $(k).addEventListener("change", () => { $(k).dataset.touched = "1"; });
 $("token").addEventListener("change", () => { localStorage.setItem("vidfusion-token", $("token").value); gallery(); });
 
 function headers(extra) {
@@ -126,7 +127,8 @@ function params() {
   p.guidance_scale = parseFloat($("guidance_scale").value);
   if ($("sampler").value) p.sampler = $("sampler").value;
   if ($("video").files.length) p.strength = parseFloat($("strength").value);
-  if ($("video").files.length && $("num_frames").dataset.touched !== "1") delete p.num_frames;  // all its frames
+  if ($("video").files.length)  // the input's frames, size and rate unless changed here
+    for (const k of ["num_frames", "width", "height", "fps"]) if ($(k).dataset.touched !== "1") delete p[k];
   p.loras = [];
   for (const box of document.querySelectorAll("#loras input[type=checkbox]:checked"))
     p.loras.push({name: box.value, weight: parseFloat($("weight-" + box.dataset.i).value)});

@@ -1,0 +1,163 @@
+"""`vidfusion serve --ray auto` on a real Ray cluster (`ray start --head` on this machine, CPU actors, the tiny
+checkpoint). Generations are counted by a hook in the Ray workers (tests/hooks/sitecustomize.py), not by the
+service's own records: a job must be generated once per attempt and written once."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .serve_helpers import SMALL, Server, free_port, wait_for
+
+pytest.importorskip("ray", reason="the ray extra: pip install 'vidfusion[ray]'")
+
+HOOKS = Path(__file__).parent / "hooks"
+SLOW = {**SMALL, "num_inference_steps": 300}  # a few seconds per job: long enough to be hit mid-job
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-machine Ray cluster (4 logical CPUs) whose workers log every generation to the returned file."""
+    log = tmp_path_factory.mktemp("ray") / "generations.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]),
+           "VIDFUSION_TEST_GENERATIONS": str(log)}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "4", "--include-dashboard=false",
+                    "--disable-usage-stats", "--port", str(free_port())], env=env, check=True, capture_output=True)
+    yield log
+    subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
+
+
+def generations(log: Path) -> list[tuple[str, int, str]]:
+    """(kind, pid, prompt) of every line: start / done / stopped."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [(kind, int(pid), prompt) for kind, pid, prompt in (line.split(" ", 2) for line in lines)]
+
+
+def started_by(log: Path, prompt: str, timeout: float = 60) -> int:
+    """The pid of the worker that started generating `prompt`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pids = [pid for kind, pid, p in generations(log) if kind == "start" and p == prompt]
+        if pids:
+            return pids[-1]
+        time.sleep(0.05)
+    raise TimeoutError(f"no worker started {prompt!r}")
+
+
+def gone(pid: int, timeout: float = 60) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_server(cluster, tiny_checkpoint, tmp_path_factory):
+    srv = Server(tiny_checkpoint, tmp_path_factory.mktemp("serve-ray") / "data", "--ray", "auto", "--workers", "2",
+                 "--cpus-per-worker", "1").start(timeout=240)
+    yield srv
+    srv.stop()
+
+
+def test_thirty_jobs_on_two_actors_one_killed_mid_job(cluster, ray_server, tiny_checkpoint, tmp_path):
+    """30 jobs from 3 clients and a slow one whose actor is killed (kill -9 by pid) mid-job: the slow job runs again
+    with the same seed on a new actor, every job succeeds and is generated to the end exactly once (a pool that
+    lost the job, ran it twice or kept a dead actor fails here), and the videos are byte-identical to the
+    single-process service's for the same requests."""
+    with ray_server.client() as c:
+        assert len(c.get("/healthz").json()["workers"]) == 2
+        slow = c.post("/v1/videos", json={**SLOW, "prompt": "victim", "seed": 7}).json()
+        victim = started_by(cluster, "victim")
+        wait_for(c, slow["id"], predicate=lambda job: job["progress"]["step"] >= 3)
+
+        def submit(i: int) -> str:
+            with ray_server.client() as own:
+                return own.post("/v1/videos", json={**SMALL, "prompt": f"job-{i}", "seed": 100 + i}).json()["id"]
+
+        with ThreadPoolExecutor(3) as clients:
+            ids = list(clients.map(submit, range(30)))
+        os.kill(victim, signal.SIGKILL)
+        jobs = [wait_for(c, job_id, timeout=240) for job_id in [slow["id"], *ids]]
+        assert [job["status"] for job in jobs] == ["succeeded"] * 31, [job["error"] for job in jobs]
+        pids = [worker["pid"] for worker in c.get("/healthz").json()["workers"]]
+        assert len(pids) == 2 and victim not in pids  # the dead actor was replaced
+        videos = {job["params"]["prompt"]: c.get(f"/v1/videos/{job['id']}/content").content for job in jobs}
+    log = generations(cluster)
+    done = collections.Counter(p for kind, _, p in log if kind == "done")
+    assert all(done[job["params"]["prompt"]] == 1 for job in jobs), done
+    victim_starts = [pid for kind, pid, p in log if kind == "start" and p == "victim"]
+    assert len(victim_starts) == 2 and victim_starts[0] == victim and victim_starts[1] != victim
+    assert {pid for kind, pid, p in log if kind == "start"} - {victim} <= set(pids) | {victim}
+
+    local = Server(tiny_checkpoint, tmp_path / "local").start()
+    try:
+        with local.client() as c:
+            for prompt, params in [("victim", {**SLOW, "seed": 7}), ("job-0", {**SMALL, "seed": 100}),
+                                   ("job-29", {**SMALL, "seed": 129})]:
+                job = wait_for(c, c.post("/v1/videos", json={**params, "prompt": prompt}).json()["id"])
+                assert c.get(f"/v1/videos/{job['id']}/content").content == videos[prompt], prompt
+    finally:
+        local.stop()
+
+
+def test_cancel_reaches_the_running_actor(cluster, ray_server):
+    """DELETE on a job running on an actor stops the generation there at its next step (a pool that only marked
+    the job cancelled would leave the actor busy for all 300 steps and log it as done)."""
+    with ray_server.client() as c:
+        job = c.post("/v1/videos", json={**SLOW, "prompt": "to-cancel", "seed": 1}).json()
+        wait_for(c, job["id"], predicate=lambda j: j["progress"]["step"] >= 2)
+        assert c.delete(f"/v1/videos/{job['id']}").json()["status"] == "cancelled"
+        deadline = time.time() + 30
+        while time.time() < deadline and not any(k == "stopped" and p == "to-cancel"
+                                                 for k, _, p in generations(cluster)):
+            time.sleep(0.05)
+        kinds = [k for k, _, p in generations(cluster) if p == "to-cancel"]
+        assert kinds == ["start", "stopped"]
+        final = c.get(f"/v1/videos/{job['id']}").json()
+        assert final["status"] == "cancelled" and final["progress"]["step"] < SLOW["num_inference_steps"]
+        assert c.get(f"/v1/videos/{job['id']}/content").status_code == 404
+        after = wait_for(c, c.post("/v1/videos", json={**SMALL, "prompt": "after-cancel"}).json()["id"])
+        assert after["status"] == "succeeded"
+
+
+def test_api_killed_with_kill_9_and_restarted_while_actors_run(cluster, tiny_checkpoint, tmp_path):
+    """kill -9 of the API process (the Ray driver) mid-job: its actors go with it; on restart the running job runs
+    again on a new actor, the finished video stays as it was, the queued one runs, nothing runs twice to the end."""
+    srv = Server(tiny_checkpoint, tmp_path / "data", "--ray", "auto", "--workers", "1", "--cpus-per-worker",
+                 "1").start(timeout=240)
+    try:
+        with srv.client() as c:
+            first = wait_for(c, c.post("/v1/videos", json={**SMALL, "prompt": "before-kill", "seed": 3}).json()["id"])
+            video = c.get(f"/v1/videos/{first['id']}/content").content
+            running = c.post("/v1/videos", json={**SLOW, "prompt": "during-kill", "seed": 4}).json()
+            queued = c.post("/v1/videos", json={**SMALL, "prompt": "queued-at-kill", "seed": 5}).json()
+            wait_for(c, running["id"], predicate=lambda j: j["progress"]["step"] >= 2)
+            old_actor = c.get("/healthz").json()["workers"][0]["pid"]
+        srv.kill()
+        assert gone(old_actor), "the dead driver's actor is still alive"
+        srv.start(timeout=240)
+        with srv.client() as c:
+            jobs = [wait_for(c, job_id, timeout=240) for job_id in (first["id"], running["id"], queued["id"])]
+            assert [job["status"] for job in jobs] == ["succeeded"] * 3
+            assert c.get(f"/v1/videos/{first['id']}/content").content == video
+            assert c.get("/healthz").json()["workers"][0]["pid"] != old_actor
+    finally:
+        srv.stop()
+    log = generations(cluster)
+    done = collections.Counter(p for kind, _, p in log if kind == "done")
+    starts = collections.Counter(p for kind, _, p in log if kind == "start")
+    assert done["before-kill"] == done["during-kill"] == done["queued-at-kill"] == 1
+    assert starts["during-kill"] == 2 and starts["before-kill"] == 1

@@ -254,6 +254,9 @@ def _sampling_options(args: argparse.Namespace) -> dict:
         options["guidance_interval"] = tuple(args.guidance_interval)
     if args.lora_scale is not None:
         options["cross_attention_kwargs"] = {"scale": args.lora_scale}
+    if args.cache is not None:
+        options.update(cache=args.cache, cache_interval=args.cache_interval, cache_branch=args.cache_branch,
+                       cache_schedule=args.cache_schedule)
     if args.decoder != "vae":
         options["decoder"] = "tiny"
     return options

@@ -201,6 +201,12 @@ def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = D
                    help="original: A1111's mean-preserving emphasis; plain: without the rescale")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="classifier-free guidance only at noise levels sigma in [LO, HI] (one UNet pass elsewhere)")
+    p.add_argument("--cache", choices=("deepcache", "faster-diffusion"), default=None,
+                   help="step caching (multi-step samplers): reuse the UNet's deep features between full steps")
+    p.add_argument("--cache-interval", type=int, default=3, help="deepcache: a full UNet step every N steps")
+    p.add_argument("--cache-branch", type=int, default=0, help="deepcache: skip branch cached below (0: the fastest)")
+    p.add_argument("--cache-schedule", choices=("uniform", "quadratic"), default="uniform",
+                   help="deepcache: full steps evenly spaced, or packed around the early-middle steps")
     p.add_argument("--decoder", default="vae", metavar="vae|tiny[:ID_OR_PATH]",
                    help="final decode: the VAE, or TAESD's tiny decoder (default madebyollin/taesd) for drafts")
     p.add_argument("--interpolate-fps", type=int, default=None, metavar="FPS",

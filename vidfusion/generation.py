@@ -19,6 +19,7 @@ from .noise import check_noise_prior, free_init_filter, mix_frequencies, randn
 from .prompts import PROMPT_SYNTAXES, WEIGHTINGS, prompt_schedule
 from .sampling import PARTIAL_BASES, PARTIAL_SAMPLERS, SAMPLERS
 from .schedules import NoiseSchedule, step_defaults
+from .step_cache import CacheSettings, check_cache
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
@@ -59,6 +60,7 @@ class Plan:
     image_init_strength: float | None = None  # start from the first picture over every frame, noised this much
     # prompt editing / alternation: (last step, prompts, negatives) segments; None when every step sees one text
     edits: list[tuple[int, list[str], list[str] | None]] | None = None
+    cache: CacheSettings | None = None  # step caching (step_cache.py)
 
     def sampler_options(self) -> dict[str, Any]:
         """Keyword options of the sampler beyond the shared signature (eta where it takes one)."""
@@ -75,7 +77,7 @@ class Plan:
             ran["prompt_syntax"] = self.prompt_syntax
         if self.prompt_weighting != "original":
             ran["prompt_weighting"] = self.prompt_weighting
-        return ran
+        return {**ran, **self.cache.settings()} if self.cache else ran
 
 
 def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
@@ -144,7 +146,18 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 prompt_weighting=call["prompt_weighting"],
                 images=images or None, image_init_strength=init_strength,
                 image_weights=frame_weights(images, num_frames, call["image_weights"]) if images else None,
-                edits=text_edits(keyframes[1] if keyframes else prompts, negatives, steps, call["prompt_syntax"]))
+                edits=text_edits(keyframes[1] if keyframes else prompts, negatives, steps, call["prompt_syntax"]),
+                cache=check_cache(call["cache"], call["cache_interval"], call["cache_branch"], call["cache_schedule"],
+                                  base, pipe.unet))
+
+
+def check_noise_inputs(shape: tuple[int, ...], generator: Any, latents: torch.Tensor | None) -> None:
+    """One generator per video when a list is given; given latents of the generation's shape."""
+    if isinstance(generator, list) and len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {shape[0]} videos; pass one per video")
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/8, width/8), "
+                         f"got {tuple(latents.shape)}")
 
 
 def text_edits(prompts: list[str] | None, negatives: list[str] | None, steps: int, syntax: str

@@ -13,7 +13,8 @@ from typing import Any
 
 # TextToVideoOutput.settings: what ran (these win over anything a writer passes)
 RAN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "strength",
-            "guidance_interval", "prompt_syntax", "prompt_weighting")
+            "guidance_interval", "prompt_syntax", "prompt_weighting", "cache", "cache_interval", "cache_branch",
+            "cache_schedule")
 REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "fps", "interpolate_fps")
 # metadata key -> `vidfusion generate` argument (dest), for writing from and reading back into the command line
 CLI_ARGUMENTS = {
@@ -23,7 +24,8 @@ CLI_ARGUMENTS = {
     "model": "model",
     "variant": "variant", "revision": "revision", "loras": "lora", "lora_weight_name": "lora_weight_name",
     "lora_target": "lora_target", "lora_scale": "lora_scale",
-    "guidance_interval": "guidance_interval", "prompt_syntax": "prompt_syntax",
+    "guidance_interval": "guidance_interval", "prompt_syntax": "prompt_syntax", "cache": "cache",
+    "cache_interval": "cache_interval", "cache_branch": "cache_branch", "cache_schedule": "cache_schedule",
     "prompt_weighting": "prompt_weighting", "turbo": "turbo", "init_video": "init_video",
     "strength": "strength", "image": "image", "last_image": "last_image", "decoder": "decoder",
     "window_size": "window_size", "window_stride": "window_stride", "loop": "loop", "noise_prior": "noise_prior",

@@ -18,6 +18,7 @@ from .generation import (
     StepContexts,
     StepReporter,
     Stopped,
+    check_noise_inputs,
     guidance_condition,
     make_plan,
     postprocess,
@@ -35,6 +36,7 @@ from .prompts import encode_prompts, same_length
 from .sampling import cfg_model, guidance_interval
 from .schedulers import Scheduler
 from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, resolve_sampler, sampler_options, step_defaults
+from .step_cache import CachedNetwork
 from .text_encoder import encode_text
 from .tiny_vae import decode_frames, load_tiny_decoder
 from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
@@ -326,6 +328,7 @@ class TextToVideoPipeline:
         prompt_syntax: str = "a1111", prompt_weighting: str = "original",
         image: Any = None, last_image: Any = None, images: dict[int, Any] | None = None, image_weights: Any = None,
         image_init_strength: float | None = None, decoder: str = "vae",
+        cache: str | None = None, cache_interval: int = 3, cache_branch: int = 0, cache_schedule: str = "uniform",
     ) -> TextToVideoOutput | tuple:
         """Generate num_videos_per_prompt videos per prompt. See README for the meaning of each argument.
         num_inference_steps defaults to 50 (4 for the few-step samplers), guidance_scale to 9 (1, no classifier-free
@@ -374,11 +377,7 @@ class TextToVideoPipeline:
         device, noise_dtype = self.device, current(context).dtype
         shape = (batch, self.unet.config.in_channels, plan.num_frames, plan.height // self.vae_scale_factor,
                  plan.width // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for {batch} videos; pass one per video")
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/8, width/8), "
-                             f"got {tuple(latents.shape)}")
+        check_noise_inputs(shape, generator, latents)
         x, start = self._initial_latents(shape, generator, noise_dtype, latents, plan)
         x = x.to(device=device, dtype=torch.float32)
         self._activate(self.unet)
@@ -394,11 +393,12 @@ class TextToVideoPipeline:
         context = stepped if reporter.contexts is not None else stepped.current
         guidance_cond = guidance_condition(self.unet, plan.guidance_scale, batch, device)
 
-        def network(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV) -> torch.Tensor:
-            return self.unet(x_in.to(unet_dtype), t.to(device), ctx, guidance_cond)
+        def network(x_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | TextKV, cache=None) -> torch.Tensor:
+            return self.unet(x_in.to(unet_dtype), t.to(device), ctx, guidance_cond, cache)
 
         guided = guidance_interval(plan.schedule, plan.guidance_interval)
-        model_fn = windowed(cfg_model(network, plan.guidance_scale, plan.cfg, guided), context,
+        net = CachedNetwork(self.unet, plan.cache, plan.steps, network) if plan.cache else network  # step_cache.py
+        model_fn = windowed(cfg_model(net, plan.guidance_scale, plan.cfg, guided), context,
                             plan.keyframes is not None, plan.num_frames, plan.window_size, plan.window_stride,
                             plan.loop)
         noise_sampler = video_noise_sampler(shape, generator, device, noise_dtype)

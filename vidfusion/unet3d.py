@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -22,6 +24,20 @@ from .layers import (
     group_norm_silu,
     timestep_embedding,
 )
+
+
+@dataclass
+class FeatureCache:
+    """Features one UNet step keeps for the next ones (step_cache.py decides which steps are full).
+    DeepCache (`branch` = a skip index, 0 = transformer_in's output): the hidden state entering the up layer that
+    consumes skip `branch`; a cached step computes only skips 0..branch and the up layers from there on.
+    Faster Diffusion (`branch` None): the encoder's skips and the mid block's output; a cached step runs the
+    decoder only. `reuse` False: a full step that fills the cache."""
+
+    branch: int | None
+    reuse: bool = False
+    hidden: torch.Tensor | None = None  # (B, F, H, W, C)
+    skips: list[torch.Tensor] | None = None
 
 
 class TemporalConvLayer(nn.Module):
@@ -216,11 +232,11 @@ class UNet3D(nn.Module):
         return None if cond_proj is None else cond_proj.in_features
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor | TextKV, timestep_cond: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor | TextKV, timestep_cond: torch.Tensor | None = None,
+                cache: FeatureCache | None = None) -> torch.Tensor:
         """sample (B, C, F, H, W), timestep scalar or (B,), encoder_hidden_states (B, S, D) (or (B*F, S, D), one
         per frame) or its `text_kv`, timestep_cond (B, D) the guidance embedding of a guidance-distilled UNet
-        -> (B, C, F, H, W)."""
+        -> (B, C, F, H, W). `cache`: a step-caching step (FeatureCache); None runs the whole network."""
         b = sample.shape[0]
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(b)
@@ -228,23 +244,58 @@ class UNet3D(nn.Module):
                                    timestep_cond)
         temb_act = F.silu(temb)  # (B, Ct): one per video, shared by every resnet
         context = encoder_hidden_states
+        if cache is not None and cache.reuse and cache.branch is None:  # Faster Diffusion: the decoder only
+            x, skips = cache.hidden, list(cache.skips)
+        else:
+            x, skips = self._encode(sample, temb_act, context, cache)
+        x = self._decode(x, skips, temb_act, context, cache)
+        x = conv_cl(self.conv_out, group_norm_silu(self.conv_norm_out, x, batch_dims=2))
+        return x.permute(0, 4, 1, 2, 3)  # (B, C, F, H, W)
 
+    def _encode(self, sample: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor | TextKV,
+                cache: FeatureCache | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down path and the mid block -> (hidden (B, F, h, w, C), skips); a DeepCache reuse step stops once
+        skip `cache.branch` is made (its hidden state is then unused)."""
+        stop = cache.branch if cache is not None and cache.reuse else None
         x = sample.permute(0, 2, 3, 4, 1).contiguous()  # (B, F, H, W, C)
         x = self.transformer_in(conv_cl(self.conv_in, x))
         skips = [x]
         for block in self.down_blocks:
             for i in range(len(block.resnets)):
+                if stop is not None and len(skips) > stop:
+                    return x, skips
                 x = self._layer(block, i, x, temb_act, context)
                 skips.append(x)
             if hasattr(block, "downsamplers"):
+                if stop is not None and len(skips) > stop:
+                    return x, skips
                 x = block.downsamplers[0](x)
                 skips.append(x)
-
+        if stop is not None:
+            return x, skips
         x = self.mid_block(x, temb_act, context)
+        if cache is not None and cache.branch is None:  # Faster Diffusion's key step: keep the encoder's features
+            cache.hidden, cache.skips = x, list(skips)
+        return x, skips
 
+    def _decode(self, x: torch.Tensor, skips: list[torch.Tensor], temb_act: torch.Tensor,
+                context: torch.Tensor | TextKV, cache: FeatureCache | None) -> torch.Tensor:
+        """The up path, consuming `skips` deepest first; DeepCache keeps (full step) or takes (reuse step) the
+        hidden state entering the layer that consumes skip `cache.branch`, and a reuse step skips what is deeper."""
+        branch = cache.branch if cache is not None else None
+        reuse = cache is not None and cache.reuse
+        position = sum(len(block.resnets) for block in self.up_blocks)  # the skip index each layer consumes
         freeu = self.freeu if self.freeu is not None and all(self.freeu) else None
         for level, block in enumerate(self.up_blocks):
             for i in range(len(block.resnets)):
+                position -= 1
+                if branch is not None and position == branch:
+                    if reuse:
+                        x = cache.hidden
+                    else:
+                        cache.hidden = x
+                elif reuse and branch is not None and position > branch:
+                    continue
                 skip = skips.pop()
                 if freeu is not None and level < 2:  # the two lowest-resolution stages
                     s, b_scale = freeu[level], freeu[2 + level]
@@ -253,11 +304,9 @@ class UNet3D(nn.Module):
                     skip = fourier_filter(skip, s)
                 x = torch.cat([x, skip], dim=-1)
                 x = self._layer(block, i, x, temb_act, context)
-            if hasattr(block, "upsamplers"):
+            if hasattr(block, "upsamplers") and not (reuse and branch is not None and position > branch):
                 x = block.upsamplers[0](x, size=skips[-1].shape[2:4])
-
-        x = conv_cl(self.conv_out, group_norm_silu(self.conv_norm_out, x, batch_dims=2))
-        return x.permute(0, 4, 1, 2, 3)  # (B, C, F, H, W)
+        return x
 
 
 class MidBlock3D(nn.Module):

@@ -1,0 +1,127 @@
+"""Training-free step caching for multi-step sampling: the UNet's deep features change little from one step to the
+next, so most steps reuse them (unet3d.FeatureCache says what is kept; this module says when).
+
+- DeepCache (Ma et al. 2023, horseee/DeepCache): a full UNet every `interval` steps (uniform), or at steps packed
+  around `center` (non-uniform: DeepCache's quadratic spacing); in between only the shallow path up to skip
+  branch `branch` (0 = transformer_in's output, the cheapest), the deeper features taken from the last full step.
+  Temporal convolutions and temporal attention are skipped with the rest.
+- Faster Diffusion (Li et al. 2023, hutaiHang/Faster-Diffusion, "encoder propagation"): the encoder (down blocks,
+  mid block) runs at key steps only, the decoder at every step on the kept encoder features. Key steps as published
+  for 50 steps, (0, 1, 2, 3, 5, 10, 15, 25, 35), scaled to other step counts. (Their prior noise injection is not
+  part of this.)
+
+Steps are counted per sampler pass (a rising timestep starts a new pass: FreeInit) and the cache is kept per call
+within a step (windows of frames each have their own); a step whose batch differs from the cached one (guidance
+interval boundaries) runs in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .unet3d import FeatureCache
+
+CACHES = ("deepcache", "faster-diffusion")
+FASTER_DIFFUSION_KEYS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)  # hutaiHang/Faster-Diffusion, 50 DDIM steps
+NO_CACHE_SAMPLERS = ("lcm", "t2v-turbo")  # consistency samplers: 4 steps that each change the features a lot
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    kind: str  # "deepcache" | "faster-diffusion"
+    interval: int = 3  # DeepCache: a full step every `interval` steps (1: every step, the plain result)
+    branch: int = 0  # DeepCache: the skip branch below which features are cached
+    schedule: str = "uniform"  # DeepCache: "uniform" | "quadratic" (non-uniform, denser around `center`)
+    center: int | None = None  # quadratic: the step the full steps pack around (default: 30% of the steps)
+    power: float = 1.4  # quadratic: DeepCache's `pow`
+
+    def settings(self) -> dict[str, Any]:
+        """What a video records (metadata)."""
+        if self.kind == "faster-diffusion":
+            return {"cache": self.kind}
+        out = {"cache": self.kind, "cache_interval": self.interval, "cache_branch": self.branch}
+        return {**out, "cache_schedule": self.schedule} if self.schedule != "uniform" else out
+
+
+def check_cache(kind: str | None, interval: int, branch: int, schedule: str, base: str, unet: Any
+                ) -> CacheSettings | None:
+    """The cache settings of a call (None: no caching); a clear error for what cannot run."""
+    if kind is None:
+        return None
+    if kind not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)} (or None), got {kind!r}")
+    if base in NO_CACHE_SAMPLERS:
+        raise ValueError(f"cache={kind!r} is for multi-step samplers; the few-step sampler {base} runs 4 steps that "
+                         "each need the whole UNet (leave cache out)")
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise ValueError(f"cache_interval must be an integer >= 1, got {interval!r}")
+    branches = sum(len(block.resnets) for block in unet.up_blocks)
+    if not isinstance(branch, int) or isinstance(branch, bool) or not 0 <= branch < branches:
+        raise ValueError(f"cache_branch must be an integer in 0..{branches - 1} (0: the shallowest), got {branch!r}")
+    if schedule not in ("uniform", "quadratic"):
+        raise ValueError(f"cache_schedule must be 'uniform' or 'quadratic', got {schedule!r}")
+    return CacheSettings(kind, interval, branch, schedule)
+
+
+def full_steps(settings: CacheSettings, steps: int) -> set[int]:
+    """The steps (0-based) that run the whole UNet."""
+    if settings.kind == "faster-diffusion":
+        return {min(steps - 1, int(k * steps / 50)) for k in FASTER_DIFFUSION_KEYS_50}
+    if settings.interval == 1:
+        return set(range(steps))
+    if settings.schedule == "uniform":
+        return set(range(0, steps, settings.interval))
+    count = -(-steps // settings.interval)
+    center = settings.center if settings.center is not None else int(steps * 0.3)
+    return set(_quadratic_steps(steps, count, center, settings.power))
+
+
+def _quadratic_steps(steps: int, count: int, center: int, power: float) -> list[int]:
+    """DeepCache's non-uniform idea (`sample_from_quad_center`): points uniform in v, full steps at
+    center + sign(v) |v|**power, so they pack around `center`; step 0 always; the power drops by 0.02 until the
+    `count` steps are distinct."""
+    center = min(max(center, 0), steps - 1)
+    while power > 1:
+        v = np.linspace(-(center ** (1 / power)), (steps - 1 - center) ** (1 / power), count)
+        picked = sorted({0, *(int(round(center + np.sign(x) * abs(x) ** power)) for x in v)})
+        if len(picked) >= count:
+            return picked
+        power -= 0.02
+    return list(range(0, steps, max(1, -(-steps // count))))
+
+
+class CachedNetwork:
+    """`network(x, t, context)` around the UNet with step caching: full steps fill a FeatureCache, the others reuse
+    it. The same signature as the plain network, so cfg_model and windows wrap it unchanged."""
+
+    def __init__(self, unet: Any, settings: CacheSettings, steps: int,
+                 call: Callable[[torch.Tensor, torch.Tensor, Any, FeatureCache], torch.Tensor]):
+        self.unet, self.settings, self.call = unet, settings, call
+        self.full = full_steps(settings, steps)
+        self.step, self.last_t, self.slot = -1, None, 0
+        self.caches: dict[int, FeatureCache] = {}
+        self.full_calls = self.cached_calls = 0  # counted, for tests and benchmarks
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: Any) -> torch.Tensor:
+        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        if self.last_t is None or value > self.last_t:  # a new sampler pass
+            self.step, self.caches = 0, {}
+        elif value < self.last_t:
+            self.step += 1
+        self.slot = 0 if value != self.last_t else self.slot + 1  # calls within one step (windows)
+        self.last_t = value
+        branch = None if self.settings.kind == "faster-diffusion" else self.settings.branch
+        cache = self.caches.get(self.slot)
+        kept = cache.hidden if cache is not None else None
+        reuse = self.step not in self.full and kept is not None and kept.shape[0] == x.shape[0]
+        if not reuse:
+            cache = self.caches[self.slot] = FeatureCache(branch)
+        cache.reuse = reuse
+        self.cached_calls += reuse
+        self.full_calls += not reuse
+        return self.call(x, t, context, cache)

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from vidfusion.pipeline import TextToVideoPipeline
 from vidfusion.serve.jobs import FAILED, QUEUED, JobStore
-from vidfusion.serve.render import JobRunner
+from vidfusion.serve.render import JobRunner, check_lora_names
 from vidfusion.video2video import VideoToVideoPipeline
-from vidfusion.video_io import export_to_video, read_video
+from vidfusion.video_io import export_to_video, read_metadata, read_video
 
 from .serve_helpers import SMALL, Server, wait_for
 
@@ -142,7 +142,12 @@ def test_video_upload_is_video_to_video_with_the_inputs_kept(server, pipe, tmp_p
         assert (job["params"]["guidance_scale"], job["params"]["fps"], job["params"]["num_frames"]) == (15.0, 12, 3)
         assert job["params"]["video"].startswith(str(server.data_dir / "inputs"))
         assert open(job["params"]["video"], "rb").read() == data
-        got = frames_of(c.get(f"/v1/videos/{job['id']}/content").content, tmp_path)
+        content = c.get(f"/v1/videos/{job['id']}/content").content
+        got = frames_of(content, tmp_path)
+        (tmp_path / "out.mp4").write_bytes(content)
+        recorded = read_metadata(tmp_path / "out.mp4")  # `generate --from` on the server remakes it from these
+        assert (recorded["init_video"], recorded["strength"], recorded["num_frames"]) == (job["params"]["video"],
+                                                                                           0.7, 3)
         up = {"prompt": "bigger", "seed": 5, "num_inference_steps": 2, "strength": 0.3, "height": 64, "width": 64}
         upscaled = wait_for(c, c.post("/v1/videos/upload", data={"params": json.dumps(up)},
                                       files={"video": ("in.mp4", data)}).json()["id"])
@@ -188,3 +193,41 @@ def test_a_job_whose_worker_dies_three_times_fails(tmp_path):
     assert final.params["seed"] == job.params["seed"]
     assert final.error == "WorkerDied: its worker died 3 times (ActorDiedError: killed)"
     assert store.requeue(job.id, "again") is None
+
+
+def test_upload_retry_with_its_key_is_the_same_job_and_refused_uploads_leave_no_file(server):
+    """Inputs are named by content: the same upload sent again with its Idempotency-Key returns the first job (a
+    random file name made it a 409 'other parameters'); a refused upload (422, 409) removes what it stored."""
+    frames = (np.random.default_rng(4).random((2, 16, 16, 3)) * 255).astype(np.uint8)
+    data = open(export_to_video(frames, str(server.data_dir.parent / "retry.mp4")), "rb").read()
+    inputs = server.data_dir / "inputs"
+    params = json.dumps({"prompt": "retry", "num_inference_steps": 2, "seed": 1})
+    with server.client() as c:
+        def send(body=params, key="upload-key-1"):
+            return c.post("/v1/videos/upload", data={"params": body}, files={"video": ("r.mp4", data)},
+                          headers={"Idempotency-Key": key})
+
+        first = send()
+        assert first.status_code == 202, first.text
+        before = sorted(inputs.iterdir())
+        again = send()
+        assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+        conflict = send(json.dumps({"prompt": "other", "num_inference_steps": 2}))
+        assert conflict.status_code == 409
+        other = (np.random.default_rng(5).random((2, 16, 16, 3)) * 255).astype(np.uint8)
+        refused = c.post("/v1/videos/upload", data={"params": json.dumps({"prompt": "x", "num_frames": 9})},
+                         files={"video": ("o.mp4", open(export_to_video(other, str(server.data_dir.parent /
+                                                                                   "o.mp4")), "rb").read())})
+        assert refused.status_code == 422
+        assert sorted(inputs.iterdir()) == before
+        stray = c.post("/v1/videos/upload", data={"params": params, "strength": "0.5"})
+        assert stray.status_code == 422 and "inside `params`" in stray.json()["detail"][0]["msg"]
+        wait_for(c, first.json()["id"])
+
+
+def test_lora_dir_names_must_differ_from_every_job_adapters():
+    check_lora_names(["style"], [("/loras/motion.safetensors", 1.0)], turbo=False)
+    with pytest.raises(ValueError, match="'motion'.*rename the file"):
+        check_lora_names(["motion"], [("/loras/motion.safetensors", 1.0)], turbo=False)
+    with pytest.raises(ValueError, match="'t2v-turbo'"):
+        check_lora_names(["t2v-turbo"], [], turbo=True)

@@ -5,6 +5,7 @@ service's own records: a job must be generated once per attempt and written once
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from vidfusion.video_io import export_to_video, read_metadata, read_video
 
 from .serve_helpers import SMALL, Server, free_port, wait_for
 
@@ -65,14 +69,38 @@ def gone(pid: int, timeout: float = 60) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_server(cluster, tiny_checkpoint, tmp_path_factory):
+def lora_dir(tiny_checkpoint, tmp_path_factory):
+    from vidfusion.pipeline import TextToVideoPipeline
+
+    from .test_serve_inputs import write_lora
+
+    folder = tmp_path_factory.mktemp("ray-loras")
+    write_lora(TextToVideoPipeline.from_pretrained(tiny_checkpoint), folder / "motion-pan.safetensors", 1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ray_server(cluster, tiny_checkpoint, lora_dir, tmp_path_factory):
     srv = Server(tiny_checkpoint, tmp_path_factory.mktemp("serve-ray") / "data", "--ray", "auto", "--workers", "2",
-                 "--cpus-per-worker", "1").start(timeout=240)
+                 "--cpus-per-worker", "1", "--lora-dir", str(lora_dir)).start(timeout=240)
     yield srv
     srv.stop()
 
 
-def test_thirty_jobs_on_two_actors_one_killed_mid_job(cluster, ray_server, tiny_checkpoint, tmp_path):
+def same_request(server: Server, params: dict, video: bytes | None = None) -> bytes:
+    """The video `server` makes for this request (multipart when there is an input video)."""
+    with server.client() as c:
+        if video is None:
+            job_id = c.post("/v1/videos", json=params).json()["id"]
+        else:
+            job_id = c.post("/v1/videos/upload", data={"params": json.dumps(params)},
+                            files={"video": ("in.mp4", video)}).json()["id"]
+        job = wait_for(c, job_id, timeout=240)
+        assert job["status"] == "succeeded", job["error"]
+        return c.get(f"/v1/videos/{job_id}/content").content
+
+
+def test_thirty_jobs_on_two_actors_one_killed_mid_job(cluster, ray_server, tiny_checkpoint, lora_dir, tmp_path):
     """30 jobs from 3 clients and a slow one whose actor is killed (kill -9 by pid) mid-job: the slow job runs again
     with the same seed on a new actor, every job succeeds and is generated to the end exactly once (a pool that
     lost the job, ran it twice or kept a dead actor fails here), and the videos are byte-identical to the
@@ -102,13 +130,24 @@ def test_thirty_jobs_on_two_actors_one_killed_mid_job(cluster, ray_server, tiny_
     assert len(victim_starts) == 2 and victim_starts[0] == victim and victim_starts[1] != victim
     assert {pid for kind, pid, p in log if kind == "start"} - {victim} <= set(pids) | {victim}
 
-    local = Server(tiny_checkpoint, tmp_path / "local").start()
+    # the same requests on the single-process service; a LoRA and an input video travel to the actors as bytes
+    frames = (np.random.default_rng(0).random((3, 32, 32, 3)) * 255).astype(np.uint8)
+    clip = Path(export_to_video(frames, str(tmp_path / "in.mp4"), fps=8)).read_bytes()
+    styled = {"prompt": "styled", "seed": 9, "num_inference_steps": 2, "strength": 0.5,
+              "loras": [{"name": "motion-pan", "weight": 0.6}]}
+    on_ray = same_request(ray_server, styled, clip)
+    local = Server(tiny_checkpoint, tmp_path / "local", "--lora-dir", str(lora_dir)).start()
     try:
-        with local.client() as c:
-            for prompt, params in [("victim", {**SLOW, "seed": 7}), ("job-0", {**SMALL, "seed": 100}),
-                                   ("job-29", {**SMALL, "seed": 129})]:
-                job = wait_for(c, c.post("/v1/videos", json={**params, "prompt": prompt}).json()["id"])
-                assert c.get(f"/v1/videos/{job['id']}/content").content == videos[prompt], prompt
+        for prompt, params in [("victim", {**SLOW, "seed": 7}), ("job-0", {**SMALL, "seed": 100}),
+                               ("job-29", {**SMALL, "seed": 129})]:
+            assert same_request(local, {**params, "prompt": prompt}) == videos[prompt], prompt
+        here = same_request(local, styled, clip)  # its file records each server's own copy of the input
+        (tmp_path / "ray.mp4").write_bytes(on_ray)
+        (tmp_path / "local.mp4").write_bytes(here)
+        np.testing.assert_array_equal(read_video(tmp_path / "ray.mp4"), read_video(tmp_path / "local.mp4"))
+        ray_meta, local_meta = read_metadata(tmp_path / "ray.mp4"), read_metadata(tmp_path / "local.mp4")
+        assert ray_meta.pop("init_video") != local_meta.pop("init_video") and ray_meta == local_meta
+        assert ray_meta["loras"] == [{"path": str((lora_dir / "motion-pan.safetensors").resolve()), "weight": 0.6}]
     finally:
         local.stop()
 
@@ -154,10 +193,18 @@ def test_api_killed_with_kill_9_and_restarted_while_actors_run(cluster, tiny_che
             assert [job["status"] for job in jobs] == ["succeeded"] * 3
             assert c.get(f"/v1/videos/{first['id']}/content").content == video
             assert c.get("/healthz").json()["workers"][0]["pid"] != old_actor
+            # a clean stop (SIGINT) mid-job leaves the job running, not failed; the next start finishes it
+            stopped = c.post("/v1/videos", json={**SLOW, "prompt": "during-stop", "seed": 6}).json()
+            wait_for(c, stopped["id"], predicate=lambda j: j["progress"]["step"] >= 2)
+        srv.stop()
+        assert srv.proc.returncode == 0
+        srv.start(timeout=240)
+        with srv.client() as c:
+            assert wait_for(c, stopped["id"], timeout=240)["status"] == "succeeded"
     finally:
         srv.stop()
     log = generations(cluster)
     done = collections.Counter(p for kind, _, p in log if kind == "done")
     starts = collections.Counter(p for kind, _, p in log if kind == "start")
-    assert done["before-kill"] == done["during-kill"] == done["queued-at-kill"] == 1
+    assert done["before-kill"] == done["during-kill"] == done["queued-at-kill"] == done["during-stop"] == 1
     assert starts["during-kill"] == 2 and starts["before-kill"] == 1

@@ -21,6 +21,7 @@ from typing import Any
 from .devices import device_and_dtype
 from .fileio import remove_temp_files, write_bytes, write_text
 from .lora import apply_loras
+from .ray_cluster import connect, first_line
 from .schedules import SAMPLER_NAMES
 
 FIELDS = {"id": str, "prompt": str, "negative_prompt": str, "seed": int, "num_frames": int, "height": int,
@@ -281,7 +282,7 @@ def _ray_results(rows: list[dict[str, Any]], address: str, workers: int | None, 
     """Rows rendered on a pool of Ray actors (one loaded pipeline each), one row per idle actor. A worker that dies
     (killed, host out of memory, a crash) is replaced and its row queued again; after `max_attempts` deaths on the
     same row, that row is failed with the cause and the others go on."""
-    ray = _connect_ray(address)
+    ray = connect(address)
     size = workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) // (gpus or cpus or 1)))
     threads = max(1, int(cpus)) if cpus else None
     actor_class = ray.remote(num_cpus=cpus or 1, num_gpus=gpus or 0, max_restarts=0, max_task_retries=0)(renderer)
@@ -300,7 +301,7 @@ def _ray_results(rows: list[dict[str, Any]], address: str, workers: int | None, 
                 yield ray.get(ref)
                 continue
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-                cause = _first_line(exc)
+                cause = first_line(exc)
                 if "creation task" in str(exc):  # the pipeline cannot load on a worker: no row can run
                     raise RuntimeError(f"Ray workers cannot start: {cause}") from None
             ray.kill(actors[slot], no_restart=True)
@@ -314,25 +315,6 @@ def _ray_results(rows: list[dict[str, Any]], address: str, workers: int | None, 
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-
-
-def _connect_ray(address: str):
-    try:
-        import ray
-    except ImportError:
-        raise BatchInputError('--ray needs Ray: pip install "vidfusion[ray]"') from None
-    if not ray.is_initialized():
-        quiet = {"log_to_driver": False, "logging_level": "ERROR"}
-        if address == "local":
-            ray.init(include_dashboard=False, **quiet)
-        else:
-            ray.init(address=address, **quiet)
-    return ray
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _progress(total: int, done: int, enabled: bool) -> Callable[[dict[str, Any] | None], None]:

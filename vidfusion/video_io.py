@@ -232,8 +232,9 @@ def resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return frames.clamp(-1, 1).view(b, f, 3, height, width)
 
 
-def read_video(path: str | os.PathLike) -> np.ndarray:
-    """Decode a video file -> uint8 frames (F, H, W, 3)."""
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """Decode a video file -> uint8 frames (F, H, W, 3); with `max_frames`, its first frames only (the rest are
+    not decoded)."""
     import av
 
     path = Path(path)
@@ -241,7 +242,11 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"input video '{path}' does not exist")
     try:
         with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+            frames = []
+            for frame in container.decode(container.streams.video[0]):
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+                frames.append(frame.to_ndarray(format="rgb24"))
     except (av.error.FFmpegError, IndexError) as exc:
         raise ValueError(f"cannot read video '{path}': {exc}") from None
     if not frames:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import io
 import ipaddress
 import json
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -179,41 +180,51 @@ def _check_loras(loras: list[dict[str, Any]], settings: ServeSettings) -> None:
         raise _field_error("loras", "a LoRA is named twice; give each once with its weight")
 
 
-def _check_upload_size(data: bytes, field: str, max_mb: float) -> None:
-    if len(data) > max_mb * 2**20:
-        raise HTTPException(413, f"{field}: {len(data) / 2**20:.1f} MB is more than this server's {max_mb:g} MB "
+def _check_upload_size(size: int, field: str, max_mb: float) -> None:
+    if size > max_mb * 2**20:
+        raise HTTPException(413, f"{field}: {size / 2**20:.1f} MB is more than this server's {max_mb:g} MB "
                                  "(--max-upload-mb)")
 
 
-def store_picture(data: bytes, field: str, folder: Path, max_mb: float) -> str:
+def _input_path(folder: Path, data: bytes, suffix: str) -> tuple[Path, bool]:
+    """Where an uploaded file is kept: named by its content, so the same upload sent again (a retry with its
+    Idempotency-Key) is the same file; whether it is new."""
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+    return path, not path.exists()
+
+
+def store_picture(data: bytes, field: str, folder: Path, max_mb: float) -> tuple[str, bool]:
     """An uploaded picture checked (size: 413, not an image: 422 naming the field) and kept as PNG in the job
-    inputs folder; returns its path."""
+    inputs folder; (its path, whether this upload created it)."""
     from PIL import Image, UnidentifiedImageError
 
-    _check_upload_size(data, field, max_mb)
+    _check_upload_size(len(data), field, max_mb)
     try:
         picture = Image.open(io.BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError):
         raise _field_error(field, f"{field} is not an image (PNG, JPEG, WebP, ...)") from None
-    path = folder / f"{uuid.uuid4().hex}.png"
-    with atomic_file(path, suffix=".png") as tmp:
-        picture.save(tmp, format="PNG")
-    return str(path)
+    path, new = _input_path(folder, data, ".png")
+    if new:
+        with atomic_file(path, suffix=".png") as tmp:
+            picture.save(tmp, format="PNG")
+    return str(path), new
 
 
-def store_video(data: bytes, filename: str, folder: Path, max_mb: float) -> SourceVideo:
+def store_video(data: bytes, filename: str, folder: Path, max_mb: float) -> tuple[SourceVideo, bool]:
     """An uploaded video checked (size: 413; not a video, or undecodable: 422) and kept as uploaded in the job
-    inputs folder, so a re-run after a crash uses the same bytes."""
-    _check_upload_size(data, "video", max_mb)
+    inputs folder, so a re-run after a crash uses the same bytes; (it, whether this upload created the file)."""
+    _check_upload_size(len(data), "video", max_mb)
     suffix = Path(filename or "").suffix.lower()
-    path = folder / f"{uuid.uuid4().hex}{suffix if suffix in VIDEO_SUFFIXES else '.mp4'}"
-    write_bytes(path, data)
+    path, new = _input_path(folder, data, suffix if suffix in VIDEO_SUFFIXES else ".mp4")
+    if new:
+        write_bytes(path, data)
     try:
         frames, height, width, fps = probe_video(path)
     except ValueError:
-        path.unlink(missing_ok=True)
+        if new:
+            path.unlink(missing_ok=True)
         raise _field_error("video", "video is not a video file ffmpeg can decode (mp4, webm, gif, mov, ...)") from None
-    return SourceVideo(str(path), frames, height, width, fps)
+    return SourceVideo(str(path), frames, height, width, fps), new
 
 
 async def _job_events(store: JobStore, job_id: str, request: Request) -> AsyncIterator[str]:
@@ -247,6 +258,9 @@ def _submit(store: JobStore, params: dict[str, Any], idempotency_key: str | None
     return job.to_json()
 
 
+UPLOAD_FIELDS = ("params", "video", "image", "last_image")
+
+
 def _add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings) -> None:
     """POST /v1/videos/upload: a job with input files (multipart)."""
 
@@ -257,22 +271,40 @@ def _add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings) 
         """multipart/form-data: `params` (the JSON body of POST /v1/videos, with `strength` for a video), a `video`
         file (video-to-video; height/width resize it, e.g. to upscale) and/or `image` / `last_image` files (the
         first / last frame, training-free conditioning). The inputs are kept with the job, so a re-run after a crash
-        uses them."""
+        uses them; a request that is refused leaves none behind."""
         form = await request.form()
+        unknown = sorted(set(form) - set(UPLOAD_FIELDS))
+        if unknown:
+            raise _field_error(unknown[0], f"unknown form field {unknown[0]!r}; fields are {', '.join(UPLOAD_FIELDS)}"
+                                           " (request fields go inside `params`)")
         try:
             body = VideoRequest.model_validate_json(form.get("params") or "{}")
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-        video = form.get("video")
-        source = None
-        if video is not None and hasattr(video, "read"):
-            source = store_video(await video.read(), video.filename, store.input_dir, settings.max_upload_mb)
-        params = video_params(body, settings, source)
-        for name in ("image", "last_image"):
-            upload = form.get(name)
-            if upload is not None and hasattr(upload, "read"):
-                params[name] = store_picture(await upload.read(), name, store.input_dir, settings.max_upload_mb)
-        return _submit(store, params, idempotency_key, settings)
+        created: list[str] = []
+        try:
+            files = {}
+            for name in ("video", "image", "last_image"):
+                upload = form.get(name)
+                if upload is not None and hasattr(upload, "read"):
+                    _check_upload_size(upload.size or 0, name, settings.max_upload_mb)  # before reading it
+                    files[name] = (await upload.read(), upload.filename)
+            source = None
+            if "video" in files:
+                source, new = await run_in_threadpool(store_video, *files.pop("video"), store.input_dir,
+                                                      settings.max_upload_mb)
+                created += [source.path] if new else []
+            params = video_params(body, settings, source)
+            for name, (data, _) in files.items():
+                params[name], new = await run_in_threadpool(store_picture, data, name, store.input_dir,
+                                                            settings.max_upload_mb)
+                created += [params[name]] if new else []
+            job = _submit(store, params, idempotency_key, settings)
+        except BaseException:
+            for path in created:  # nothing of a refused request stays behind
+                Path(path).unlink(missing_ok=True)
+            raise
+        return job
 
 
 def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:

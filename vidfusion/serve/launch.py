@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fastapi import FastAPI
+
 from .app import ServeSettings, create_app
 from .jobs import JobStore
-from .render import JobRunner, lora_files
+from .render import JobRunner, check_lora_names, lora_files
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ def _settings_from(description: dict[str, Any], settings: ServeSettings) -> Serv
                    video_metadata=description["video_metadata"], loras=tuple(description["loras"]))
 
 
-def local_app(settings: ServeSettings, options: ModelOptions, devices: list[str | None]):
+def local_app(settings: ServeSettings, options: ModelOptions, devices: list[str | None]) -> FastAPI:
     """The embedded server: one pipeline and worker thread per local device."""
     from ..devices import device_and_dtype
     from ..pipeline import TextToVideoPipeline
@@ -57,10 +59,11 @@ def local_app(settings: ServeSettings, options: ModelOptions, devices: list[str 
 
 
 def ray_app(settings: ServeSettings, options: ModelOptions, address: str, workers: int | None = None,
-            gpus_per_worker: float | None = None, cpus_per_worker: float | None = None):
+            gpus_per_worker: float | None = None, cpus_per_worker: float | None = None) -> FastAPI:
     """The server on a Ray actor pool: this process loads no model; the first actor describes the pipeline."""
     from .ray_workers import RayWorkers
 
+    check_lora_names(list(lora_files(options.lora_dir)), options.loras, options.turbo)  # before any actor starts
     store = JobStore(settings.data_dir)
     actor_options = {k: getattr(options, k) for k in ("model", "variant", "revision", "dtype", "vae", "clip", "loras",
                                                       "lora_weight_name", "lora_target", "turbo")}

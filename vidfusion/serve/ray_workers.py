@@ -1,11 +1,13 @@
 """`vidfusion serve --ray`: jobs run on a pool of Ray actors, one loaded pipeline each, on any machine of the cluster.
 
 The API process keeps SQLite as the one source of truth. One thread per actor slot claims a queued job only when its
-actor is idle (no queue inside Ray), so a job is either queued in SQLite or running on exactly one actor. While it
-runs, the thread polls the actor for progress and preview pictures and forwards a cancel; the finished video comes
-back as bytes and the API process writes it (no shared filesystem). An actor that dies: its job is queued again with
-the same seed (failed after MAX_ATTEMPTS attempts) and the slot gets a new actor. Without a fixed `workers`, the
-pool grows when machines join (one worker per GPU, or per machine / `cpus_per_worker` CPUs without GPUs)."""
+actor is idle (no queue inside Ray; an actor runs one `run` at a time), so a job is either queued in SQLite or
+running on exactly one actor. While it runs, the thread polls the actor for progress and preview pictures, and every
+poll carries whether the job should stop (cancelled, or the server stopping). The finished video comes back as bytes
+and the API process writes it (no shared filesystem). An actor that dies: it is killed for good, then its job is
+queued again with the same seed (failed after MAX_ATTEMPTS attempts) and the slot gets a new actor. A server that
+stops leaves its running jobs `running`; the next start re-runs them. Without a fixed `workers`, the pool grows when
+machines join (one worker per GPU, or per machine / `cpus_per_worker` CPUs without GPUs)."""
 
 from __future__ import annotations
 
@@ -18,17 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..ray_cluster import connect
 from .jobs import FAILED, RUNNING, JobStore
-from .render import JobCancelled, JobResult, JobRunner
+from .render import JobCancelled, JobRunner
 from .worker import complete, error_line, read_inputs, record_step
 
 log = logging.getLogger("vidfusion.serve")
 POLL_SECONDS = 0.2
 GROW_SECONDS = 10.0
+START_TIMEOUT = 600.0  # the first worker must load its pipeline within this (a cluster without room never does)
+CONTROL = {"concurrency_group": "control"}  # poll / cancel answer while `run` holds the default group (size 1)
 
 
 class JobActor:
-    """A Ray actor: one pipeline, one job at a time; `poll` and `cancel` answer while a job runs (threaded actor)."""
+    """A Ray actor: one pipeline, one job at a time; `poll` and `cancel` answer while a job runs."""
 
     def __init__(self, options: dict[str, Any], named_loras: dict[str, tuple[str, str, bytes]],
                  threads: int | None = None):
@@ -53,9 +58,8 @@ class JobActor:
         self.runner = JobRunner(pipe, options["model"], options["loras"], options["lora_weight_name"],
                                 options["lora_target"], options["turbo"], files)
         self._lock = threading.Lock()
-        self._job: str | None = None
-        self._cancelled = False
-        self._latest: tuple[int, int, bytes | None] | None = None
+        self._stop: set[str] = set()  # jobs to stop: a stop that arrives before its run starts is kept
+        self._latest: dict[str, tuple[int, int, bytes | None]] = {}
 
     def ready(self) -> dict[str, Any]:
         """The pipeline's description and where this actor runs."""
@@ -63,15 +67,15 @@ class JobActor:
 
     def run(self, job_id: str, params: dict[str, Any], inputs: dict[str, bytes]) -> dict[str, Any]:
         """{"status": "succeeded", "result": JobResult} | {"status": "cancelled"} | {"status": "failed", "error"}."""
-        with self._lock:
-            self._job, self._cancelled, self._latest = job_id, False, None
 
         def report(step: int, total: int, preview: bytes | None) -> bool:
             with self._lock:
-                self._latest = (step, total, preview)
-                return not self._cancelled
+                self._latest[job_id] = (step, total, preview)
+                return job_id not in self._stop
 
         try:
+            if job_id in self._stop:
+                raise JobCancelled
             return {"status": "succeeded", "result": self.runner.run(params, inputs, report)}
         except JobCancelled:
             return {"status": "cancelled"}
@@ -79,34 +83,16 @@ class JobActor:
             return {"status": "failed", "error": error_line(exc)}
         finally:
             with self._lock:
-                self._job = None
+                self._stop.discard(job_id)
+                self._latest.pop(job_id, None)
 
-    def poll(self) -> tuple[int, int, bytes | None] | None:
-        """The latest step report since the last poll (None: no new step)."""
+    def poll(self, job_id: str, stop: bool = False) -> tuple[int, int, bytes | None] | None:
+        """The latest step report of `job_id` since the last poll (None: no new step); `stop` asks it to stop at its
+        next step (sent with every poll once wanted, so it cannot be lost)."""
         with self._lock:
-            latest, self._latest = self._latest, None
-        return latest
-
-    def cancel(self, job_id: str) -> None:
-        """Stop `job_id` at its next step, if it is the one running."""
-        with self._lock:
-            if self._job == job_id:
-                self._cancelled = True
-
-
-def connect(address: str):
-    """Ray, connected: "local" starts an instance in this process, "auto" / an address joins a cluster."""
-    try:
-        import ray
-    except ImportError:
-        raise ValueError('--ray needs Ray: pip install "vidfusion[ray]"') from None
-    if not ray.is_initialized():
-        quiet = {"log_to_driver": False, "logging_level": "ERROR"}
-        if address == "local":
-            ray.init(include_dashboard=False, **quiet)
-        else:
-            ray.init(address=address, **quiet)
-    return ray
+            if stop:
+                self._stop.add(job_id)
+            return self._latest.pop(job_id, None)
 
 
 class RayWorkers:
@@ -128,37 +114,46 @@ class RayWorkers:
         self._lora_ref: Any = None
         self._grower: threading.Thread | None = None
 
-    def connect(self, timeout: float | None = None) -> dict[str, Any]:
-        """Connect to Ray and load one actor: its pipeline description (sampler defaults, size, LoRAs) for the API."""
+    def connect(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """Connect to Ray and load one actor: its pipeline description (sampler defaults, size, LoRAs) for the API.
+        Raises RuntimeError when it cannot start (the cause, or no room for it within `timeout` seconds)."""
         ray = self._ray = connect(self.address)
-        if self.gpus is None and ray.cluster_resources().get("GPU", 0) >= 1:
-            self.gpus = 1.0  # one worker per GPU
-        self._actor_class = ray.remote(num_cpus=self.cpus or 1, num_gpus=self.gpus or 0, max_restarts=0,
-                                       max_concurrency=4, scheduling_strategy="SPREAD")(JobActor)
+        self._actor_class = ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups={"control": 2})(JobActor)
         self._lora_ref = ray.put(self.named_loras)
+        self.named_loras = {}  # the object store holds them now
         first = _Slot(self, 0)
         info = first.start_actor(timeout)
         if info is None:
-            raise RuntimeError(f"the first Ray worker did not start: {first.error or 'timed out'}")
+            raise RuntimeError(f"the first Ray worker did not start: {first.error or f'no room within {timeout:g} s'}"
+                               f" (resources asked per worker: {self.resources()})")
         self._slots.append(first)
         return info
 
+    def resources(self) -> dict[str, float]:
+        """What one new worker asks of the cluster: `--gpus-per-worker`, or one GPU once the cluster has GPUs."""
+        gpus = self.gpus if self.gpus is not None else (1.0 if self._ray.cluster_resources().get("GPU", 0) else 0.0)
+        return {"num_cpus": self.cpus or 1, "num_gpus": gpus}
+
     def new_actor(self) -> Any:
+        """A new actor (its pipeline loads in the background: wait for `ready`)."""
         threads = max(1, int(self.cpus)) if self.cpus else None
-        return self._actor_class.remote(self.options, self._lora_ref, threads)
+        return self._actor_class.options(scheduling_strategy="SPREAD", **self.resources()).remote(
+            self.options, self._lora_ref, threads)
 
     def wanted(self) -> int:
         """How many workers the cluster has room for now (or the fixed `workers`)."""
         if self.fixed:
             return self.fixed
         resources = self._ray.cluster_resources()
-        if self.gpus:
-            return max(1, int(resources.get("GPU", 0) // self.gpus))
+        gpus = self.resources()["num_gpus"]
+        if gpus:
+            return max(1, int(resources.get("GPU", 0) // gpus))
         if self.cpus:
             return max(1, int(resources.get("CPU", 1) // self.cpus))
         return max(1, sum(1 for node in self._ray.nodes() if node.get("Alive")))
 
     def start(self) -> None:
+        """Start feeding jobs to the workers (and growing the pool)."""
         for slot in self._slots:
             slot.start()
         self._grow()
@@ -179,6 +174,7 @@ class RayWorkers:
                 log.exception("cannot size the Ray worker pool")
 
     def status(self) -> list[dict[str, Any]]:
+        """One entry per worker: name, pid, host, the job it runs."""
         return [slot.status() for slot in self._slots]
 
     @property
@@ -186,13 +182,18 @@ class RayWorkers:
         return self._stop.is_set()
 
     def stop(self) -> None:
+        """Stop taking jobs; running ones are asked to stop at their next step (and stay `running` for the next
+        start to re-run)."""
         self._stop.set()
         with self.store.changed:
             self.store.changed.notify_all()
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait for the slot threads (up to `timeout` seconds), then kill every actor."""
         deadline = time.monotonic() + (timeout or 10)
-        for slot in self._slots:
+        if self._grower is not None:
+            self._grower.join(max(0.0, deadline - time.monotonic()))
+        for slot in list(self._slots):
             if slot.is_alive():
                 slot.join(max(0.0, deadline - time.monotonic()))
         for slot in self._slots:
@@ -211,93 +212,102 @@ class _Slot(threading.Thread):
         self.error: str | None = None  # why the last actor could not start
 
     def status(self) -> dict[str, Any]:
+        """This worker's name, pid, host and current job (pid None while its actor starts)."""
         return {"name": self.name, "pid": self.info.get("pid"), "host": self.info.get("host"), "job": self.job}
 
     def start_actor(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """A new actor, waited for until its pipeline is loaded (None: it failed, or the pool is stopping)."""
+        """A new actor, waited for until its pipeline is loaded (None: it failed, timed out or the pool stops)."""
         ray = self.pool._ray
         self.actor, self.info = self.pool.new_actor(), {}
-        ready = self.actor.ready.remote()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.pool.stopping and (deadline is None or time.monotonic() < deadline):
+        ready, started = self.actor.ready.remote(), time.monotonic()
+        warned = False
+        while not self.pool.stopping and (timeout is None or time.monotonic() - started < timeout):
             if ray.wait([ready], timeout=1.0)[0]:
                 try:
                     self.info = ray.get(ready)
                     log.info("Ray worker %d ready: pid %s on %s", self.index, self.info["pid"], self.info["host"])
                     return self.info
                 except Exception as exc:
-                    self.error = _cause(exc)
+                    self.error = error_line(getattr(exc, "cause", None) or exc)
                     log.error("Ray worker %d cannot start: %s", self.index, self.error)
                     break
+            if not warned and time.monotonic() - started > 30:
+                log.warning("Ray worker %d: waiting for a machine with %s", self.index, self.pool.resources())
+                warned = True
         self.kill_actor()
         return None
 
     def kill_actor(self) -> None:
-        if self.actor is not None:
+        """Kill this slot's actor for good (no restart); nothing when there is none."""
+        actor, self.actor = self.actor, None
+        if actor is not None:
             try:
-                self.pool._ray.kill(self.actor, no_restart=True)
+                self.pool._ray.kill(actor, no_restart=True)
             except Exception:  # already gone
                 pass
-            self.actor = None
 
     def run(self) -> None:
+        """Claim a job whenever the actor is idle; replace the actor when it dies; never die of an error."""
         pool, store = self.pool, self.pool.store
         while not pool.stopping:
-            if self.actor is None and self.start_actor() is None:
-                pool._stop.wait(5.0)  # cannot load (or no room yet): try again later
-                continue
-            job = store.claim()
-            if job is None:
-                with store.changed:
-                    store.changed.wait(timeout=0.5)
-                continue
-            self.job = job.id
             try:
-                self.run_job(job.id, job.params)
-            finally:
-                self.job = None
+                if self.actor is None and self.start_actor() is None:
+                    pool._stop.wait(5.0)  # cannot load (or no room yet): try again later
+                    continue
+                job = store.claim()
+                if job is None:
+                    with store.changed:
+                        store.changed.wait(timeout=0.5)
+                    continue
+                self.job = job.id
+                try:
+                    self.run_job(job.id, job.params)
+                finally:
+                    self.job = None
+            except Exception:  # the store or the cluster failed: log, wait, go on
+                log.exception("Ray worker %d: unexpected error", self.index)
+                pool._stop.wait(1.0)
 
     def run_job(self, job_id: str, params: dict[str, Any]) -> None:
-        ray, store = self.pool._ray, self.pool.store
-        died = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
+        """One job on this slot's actor, to its outcome in the store."""
+        ray, store, actor = self.pool._ray, self.pool.store, self.actor
         log.info("job %s: running on Ray worker %d (pid %s)", job_id, self.index, self.info.get("pid"))
         try:
-            ref = self.actor.run.remote(job_id, params, read_inputs(params))
-            self._follow(job_id, ref)
-            outcome = ray.get(ref)
-        except died as exc:
-            status = store.requeue(job_id, error_line(exc))
-            log.warning("job %s: Ray worker %d died (%s); job %s", job_id, self.index, error_line(exc), status)
-            self.kill_actor()
-            return
-        except Exception as exc:  # the inputs are gone, Ray refused the call, ...
+            inputs = read_inputs(params)
+        except OSError as exc:  # its uploaded files are gone: the job cannot run anywhere
             store.finish(job_id, FAILED, error_line(exc))
             return
-        if outcome["status"] == "succeeded":
-            result: JobResult = outcome["result"]
-            complete(store, job_id, result)
-        elif outcome["status"] == "failed":
-            store.finish(job_id, FAILED, outcome["error"])
+        try:
+            ref = actor.run.remote(job_id, params, inputs)
+            self._follow(actor, job_id, ref)
+            outcome = ray.get(ref)
+        except Exception as exc:  # the actor died, or Ray failed around it: the job runs again elsewhere
+            self.kill_actor()  # first, so it can never run beside the job's next attempt
+            if self.pool.stopping:
+                return  # stays running: the next start re-runs it
+            status = store.requeue(job_id, error_line(exc))
+            log.warning("job %s: Ray worker %d lost (%s); job %s", job_id, self.index, error_line(exc), status)
+            return
+        try:
+            if outcome["status"] == "succeeded":
+                complete(store, job_id, outcome["result"])
+            elif outcome["status"] == "failed":
+                store.finish(job_id, FAILED, outcome["error"])
+        except OSError as exc:  # the video could not be written (disk full, ...)
+            store.finish(job_id, FAILED, error_line(exc))
 
-    def _follow(self, job_id: str, ref: Any) -> None:
-        """Until the job's call returns: step reports to the store, a cancel (or the pool stopping) to the actor."""
+    def _follow(self, actor: Any, job_id: str, ref: Any) -> None:
+        """Until the job's call returns: step reports to the store; a stop (cancelled, server stopping) to the
+        actor with every poll."""
         ray, store = self.pool._ray, self.pool.store
-        cancelled = False
+        running = True
         while True:
             done = ray.wait([ref], timeout=POLL_SECONDS)[0]
-            latest = ray.get(self.actor.poll.remote())
+            stop = not running or self.pool.stopping
+            latest = ray.get(actor.poll.options(**CONTROL).remote(job_id, stop))
             if latest is not None:
-                running = record_step(store, job_id, *latest)
-            else:
+                running = record_step(store, job_id, *latest) and running
+            elif running:
                 running = store.status_of(job_id) == RUNNING
-            if not cancelled and (not running or self.pool.stopping):
-                self.actor.cancel.remote(job_id)
-                cancelled = True
             if done:
                 return
-
-
-def _cause(exc: BaseException) -> str:
-    """The original error inside a Ray error, as one line."""
-    cause = getattr(exc, "cause", None)
-    return error_line(cause if isinstance(cause, BaseException) else exc)

@@ -30,6 +30,8 @@ class JobCancelled(Exception):
 
 @dataclass(frozen=True)
 class JobResult:
+    """A finished job, as it travels back to the API process (from a Ray actor: pickled bytes)."""
+
     video: bytes  # the mp4, settings embedded
     poster: bytes  # JPEG of the middle frame
     settings: dict[str, Any]
@@ -48,8 +50,19 @@ def lora_files(lora_dir: str | Path | None) -> dict[str, Path]:
             if path.stem in files:
                 raise ValueError(f"--lora-dir has two LoRAs named {path.stem!r} ({files[path.stem].name}, "
                                  f"{path.name}); rename one")
-            files[path.stem] = path
+            files[path.stem] = path.resolve()  # videos record where it is, wherever the server was started
     return files
+
+
+def check_lora_names(named: list[str], loras: list[tuple[str, float]], turbo: bool) -> None:
+    """A --lora-dir name must differ from the adapters every job uses (their file stems, t2v-turbo)."""
+    from ..published import TURBO_LORA
+
+    base = {Path(path).stem for path, _ in loras} | ({Path(TURBO_LORA[1]).stem, "t2v-turbo"} if turbo else set())
+    clash = sorted(set(named) & base)
+    if clash:
+        raise ValueError(f"--lora-dir has {clash[0]!r}, also the name of a --lora / --turbo adapter that every job "
+                         "uses; rename the file")
 
 
 def image_bytes(frames: np.ndarray, fmt: str, scale: int = 1) -> bytes:
@@ -77,6 +90,7 @@ class JobRunner:
                  named_loras: dict[str, tuple[str, str]] | None = None):
         """named_loras: name -> (file to load on this machine, path recorded in the videos)."""
         pipe.set_progress_bar_config(disable=True)
+        check_lora_names(list(named_loras or {}), loras or [], turbo)
         self.pipe = pipe
         self.metadata = {"model": str(model), **apply_loras(pipe, loras or [], lora_weight_name, lora_target, turbo)}
         self.base = adapter_weights(pipe)  # adapter -> weight, in every job
@@ -137,7 +151,9 @@ class JobRunner:
                           sampler=params.get("sampler"), generator=generator, callback=on_step, output_type="np",
                           **options)
             frames = output.frames[0]
-            settings = video_settings(output.settings, params, **self._lora_metadata(requested))
+            inputs_used = {"init_video": params.get("video"), "image": params.get("image"),
+                           "last_image": params.get("last_image")}  # the server's copies: `generate --from` there
+            settings = video_settings(output.settings, params, **self._lora_metadata(requested), **inputs_used)
             from ..video_io import export_to_video
 
             path = export_to_video(frames, Path(tmp) / "video.mp4", fps=params["fps"],
@@ -158,5 +174,5 @@ class JobRunner:
 
         source = tmp / f"input{Path(params['video']).suffix}"
         source.write_bytes(inputs["video"])
-        frames = read_video(source)[: params["num_frames"]]  # (F, H, W, 3) uint8
+        frames = read_video(source, max_frames=params["num_frames"])  # (F, H, W, 3) uint8
         return self._video_pipeline(), {**options, "video": frames, "strength": params["strength"]}

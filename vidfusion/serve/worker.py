@@ -4,6 +4,8 @@ video and poster (atomically), recording the outcome. And the embedded runner: o
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -52,10 +54,12 @@ class Worker(threading.Thread):
         super().__init__(name=f"vidfusion-worker-{name}", daemon=True)
         self.store = store
         self.runner = runner
+        self.job: str | None = None
         self._stop_event = threading.Event()
 
     def status(self) -> list[dict[str, Any]]:
-        return [{"name": self.name}]
+        """This worker's name, pid, host and current job (the same fields as a Ray pool's workers)."""
+        return [{"name": self.name, "pid": os.getpid(), "host": socket.gethostname(), "job": self.job}]
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -69,9 +73,15 @@ class Worker(threading.Thread):
                 with self.store.changed:
                     self.store.changed.wait(timeout=0.5)
                 continue
-            self.run_job(job.id, job.params)
+            self.job = job.id
+            try:
+                self.run_job(job.id, job.params)
+            finally:
+                self.job = None
 
     def run_job(self, job_id: str, params: dict[str, Any]) -> None:
+        """One job on this worker's pipeline, to its outcome in the store (a failure never kills the worker)."""
+
         def report(step: int, total: int, preview: bytes | None) -> bool:
             return record_step(self.store, job_id, step, total, preview) and not self._stop_event.is_set()
 

@@ -231,3 +231,34 @@ def test_lora_dir_names_must_differ_from_every_job_adapters():
         check_lora_names(["motion"], [("/loras/motion.safetensors", 1.0)], turbo=False)
     with pytest.raises(ValueError, match="'t2v-turbo'"):
         check_lora_names(["t2v-turbo"], [], turbo=True)
+
+
+def test_preview_decoder_gives_real_preview_pictures(tiny_checkpoint, pipe, tmp_path):
+    """`serve --preview-decoder`: the live preview is the tiny decoder's picture of the middle frame (after the last
+    step: of the final latents), at the video's size — not the latents' colours enlarged in 8x8 blocks."""
+    import io
+
+    from diffusers import AutoencoderTiny
+    from PIL import Image
+
+    from vidfusion.tiny_vae import load_tiny_decoder, preview_frames
+
+    torch.manual_seed(0)
+    # the tiny checkpoint's VAE upsamples 2x (not 8x): a TAESD of two blocks matches it
+    taesd = AutoencoderTiny(decoder_block_out_channels=(16, 16), encoder_block_out_channels=(16, 16),
+                            num_decoder_blocks=(1, 1), num_encoder_blocks=(1, 1))
+    taesd.save_pretrained(tmp_path / "taesd")
+    srv = Server(tiny_checkpoint, tmp_path / "data", "--preview-decoder", str(tmp_path / "taesd")).start()
+    request = {**SMALL, "num_frames": 3, "prompt": "a preview", "seed": 21}
+    try:
+        with srv.client() as c:
+            job = wait_for(c, c.post("/v1/videos", json=request).json()["id"])
+            png = c.get(f"/v1/videos/{job['id']}/preview").content
+    finally:
+        srv.stop()
+    got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    latents = pipe(request["prompt"], num_frames=3, height=32, width=32, num_inference_steps=2, guidance_scale=7.5,
+                   generator=torch.Generator().manual_seed(21), output_type="latent").frames
+    expected = preview_frames(load_tiny_decoder(tmp_path / "taesd"), latents[:, :, 1:2])[0, 0]
+    assert got.shape == (32, 32, 3)
+    np.testing.assert_array_equal(got, expected)

@@ -83,3 +83,86 @@ def test_cli_decoder_tiny(tiny_checkpoint, reference, tmp_path):
     assert read_metadata(out)["decoder"] == f"tiny:{folder}"
     assert cli.main(["generate", "a cat", "--model", str(tiny_checkpoint), "--decoder", "small", "--quiet",
                      "--out", str(tmp_path / "x.mp4")]) == 2
+
+
+# ---- TAESDV: a reference written from madebyollin/taesdv's published decoder (decode_frame: one frame at a time,
+# each MemBlock fed its own input of the previous frame, zeros for the first frame)
+
+def _reference_taesdv(state: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+    """latents (T, 4, h, w) of one video -> frames (T, 3, H, W) in [0, 1], frame by frame with memory."""
+    import torch.nn.functional as F
+
+    def conv(x, key, padding=1):
+        return F.conv2d(x, state[f"{key}.weight"], state.get(f"{key}.bias"), padding=padding)
+
+    layers = ["clamp", "conv", "relu", "mem", "mem", "mem", "up", "conv", "mem", "mem", "mem", "up", "conv",
+              "mem", "mem", "mem", "up", "conv", "mem", "conv"]
+    out, memory = [], None
+    for latent in latents.split(1):
+        x, new_memory, position = latent, [], 0
+        for index, kind in enumerate(layers):
+            key = f"decoder.{index}"
+            if kind == "clamp":
+                x = torch.tanh(x / 3) * 3
+            elif kind == "conv":
+                x = conv(x, key)
+            elif kind == "relu":
+                x = F.relu(x)
+            elif kind == "up":
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+            else:
+                new_memory.append(x)
+                past = torch.zeros_like(x) if memory is None else memory[position]
+                position += 1
+                y = F.relu(conv(torch.cat([x, past], 1), f"{key}.conv.0"))
+                y = conv(F.relu(conv(y, f"{key}.conv.2")), f"{key}.conv.4")
+                x = F.relu(y + x)
+        memory = new_memory
+        out.append(x)
+    return torch.cat(out)
+
+
+def _random_taesdv(width: int = 16) -> dict[str, torch.Tensor]:
+    from vidfusion.tiny_vae import TinyVideoDecoder
+
+    g = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=g) * 0.15 for k, v in TinyVideoDecoder(4, width).state_dict().items()}
+    state["encoder.0.weight"] = torch.zeros(width, 3, 3, 3)  # taesdv.pth holds the encoder too: left out
+    return state
+
+
+def test_taesdv_decoder_matches_the_published_frame_by_frame_decode(tmp_path):
+    """All frames at once with the memory as the input shifted by one frame == the published decode_frame loop (a
+    decoder that fed the current frame, the next one, or no memory at all as memory fails)."""
+    from vidfusion.tiny_vae import TinyVideoDecoder, decode_frames
+
+    state = _random_taesdv()
+    torch.save(state, tmp_path / "taesdv.pth")
+    ours = load_tiny_decoder(tmp_path / "taesdv.pth")
+    assert isinstance(ours, TinyVideoDecoder)
+    assert isinstance(load_tiny_decoder(tmp_path), TinyVideoDecoder)  # a folder holding taesdv.pth
+    latents = torch.randn(2, 4, 5, 6, 6) * 2  # (B, C, F, h, w): two videos of 5 frames
+    got = decode_frames(ours, latents)  # (B, F, 3, H, W) in [-1, 1]
+    for b in range(2):
+        expected = _reference_taesdv(state, latents[b].permute(1, 0, 2, 3)) * 2 - 1
+        assert ((got[b] - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    without_memory = decode_frames(ours, latents[:, :, 2:3])[:, 0]  # frame 2 alone: no memory of frames 0-1
+    assert (without_memory - got[:, 2]).abs().max() > 1e-3
+
+
+def test_preview_by_the_tiny_decoder(ours, reference):
+    """pipe.preview: the latents' approximate colours at latent size by default; real pictures at full size from
+    the tiny decoder once loaded (the same as decoding those latents)."""
+    from vidfusion.tiny_vae import decode_frames
+
+    _, folder = reference
+    latents = torch.randn(1, 4, 2, 4, 4)
+    assert ours.preview(latents).shape == (1, 2, 4, 4, 3)
+    ours.load_tiny_decoder(folder)
+    try:
+        frames = ours.preview(latents)
+        expected = ((decode_frames(ours.tiny_decoder, latents).clamp(-1, 1) + 1) * 127.5).round()
+        assert frames.shape == (1, 2, 32, 32, 3)
+        assert torch.equal(torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float(), expected)
+    finally:
+        ours.tiny_decoder = None

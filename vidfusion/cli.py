@@ -53,7 +53,7 @@ def _serve(args: argparse.Namespace) -> None:
     options = ModelOptions(model=str(args.model), variant=args.variant, revision=args.revision, dtype=args.dtype,
                            vae=args.vae, clip=args.clip, loras=_lora_specs(args),
                            lora_weight_name=args.lora_weight_name, lora_target=args.lora_target, turbo=args.turbo,
-                           lora_dir=args.lora_dir)
+                           lora_dir=args.lora_dir, preview_decoder=args.preview_decoder)
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
                              max_frames=args.max_frames, max_pixels=args.max_pixels,
                              max_upload_mb=args.max_upload_mb, model=str(args.model))

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --ray: actors (default: one per GPU of the cluster, or one per machine without GPUs)")
     srv.add_argument("--gpus-per-worker", type=float, default=None)
     srv.add_argument("--cpus-per-worker", type=float, default=None)
+    srv.add_argument("--preview-decoder", nargs="?", const="madebyollin/taesd", default=None, metavar="ID_OR_PATH",
+                     help="live previews decoded by a tiny decoder (TAESD, or TAESDV: madebyollin/taesdv) instead "
+                          "of the latents' approximate colours (default with the flag: madebyollin/taesd)")
     srv.add_argument("--lora-dir", default=None,
                      help="folder of LoRAs a request may name (file stem) with a weight; loaded once on every worker")
     _add_lora_options(srv)

@@ -38,7 +38,7 @@ from .schedulers import Scheduler
 from .schedules import FEW_STEP_DEFAULTS, SAMPLER_NAMES, resolve_sampler, sampler_options, step_defaults
 from .step_cache import CachedNetwork
 from .text_encoder import encode_text
-from .tiny_vae import decode_frames, load_tiny_decoder
+from .tiny_vae import decode_frames, load_tiny_decoder, preview_frames
 from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
 from .vae import approximate_rgb
 
@@ -284,10 +284,10 @@ class TextToVideoPipeline:
         generation runs (a cancel racing a call's start), the next call stops after its first step."""
         self._interrupted = True
 
-    @staticmethod
-    def preview(latents: torch.Tensor) -> np.ndarray:
-        """Cheap live preview: latents (B, 4, F, h, w) -> uint8 frames (B, F, h, w, 3), no VAE."""
-        return approximate_rgb(latents)
+    def preview(self, latents: torch.Tensor) -> np.ndarray:
+        """Live preview: latents (B, 4, F, h, w) -> uint8 frames (B, F, H, W, 3), by the tiny decoder once loaded
+        (load_tiny_decoder: real pictures), else the latents' approximate colours at latent size (no decoder)."""
+        return approximate_rgb(latents) if self.tiny_decoder is None else preview_frames(self.tiny_decoder, latents)
 
     @torch.no_grad()
     def __call__(

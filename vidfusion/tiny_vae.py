@@ -1,13 +1,15 @@
 """TAESD's decoder (madebyollin's tiny autoencoder; diffusers' AutoencoderTiny): the ModelScope VAE's latent space
 (Stable Diffusion's KL-f8, scaled by 0.18215) decoded with ~18x fewer FLOPs, for drafts and previews. Module names
 equal diffusers' `decoder.layers.*` keys; the original `taesd_decoder.pth` is the same Sequential shifted by one
-(its index 0 is the clamp)."""
+(its index 0 is the clamp). TAESDV (madebyollin/taesdv) adds memory: each of its blocks also sees its input of the
+previous frame, for less flicker; its module names equal `taesdv.pth`'s `decoder.*` keys."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,15 +55,74 @@ class TinyDecoder(nn.Module):
         return self.layers(x).mul(2).sub(1)
 
 
+class Clamp(nn.Module):
+    """TAESD's soft clamp of the latents to (-3, 3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class MemoryBlock(nn.Module):
+    """A TinyBlock whose first conv also sees this block's input of the previous frame (TAESDV's MemBlock)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(2 * channels, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(torch.cat([x, memory], 1)) + x)
+
+
+class TinyVideoDecoder(nn.Module):
+    """TAESDV's decoder: latents (B*F, 4, h, w) of `frames`-frame videos -> images (B*F, 3, 8h, 8w) in [-1, 1]."""
+
+    def __init__(self, latent_channels: int = 4, channels: int = 64):
+        super().__init__()
+
+        def stage() -> list[nn.Module]:
+            return [MemoryBlock(channels) for _ in range(3)] + [
+                nn.Upsample(scale_factor=2), nn.Conv2d(channels, channels, 3, padding=1, bias=False)]
+
+        self.decoder = nn.Sequential(Clamp(), nn.Conv2d(latent_channels, channels, 3, padding=1), nn.ReLU(),
+                                     *stage(), *stage(), *stage(), MemoryBlock(channels),
+                                     nn.Conv2d(channels, 3, 3, padding=1))
+
+    def forward(self, latents: torch.Tensor, frames: int) -> torch.Tensor:
+        x = latents
+        for layer in self.decoder:
+            if isinstance(layer, MemoryBlock):  # memory: this input one frame earlier (zeros before the first)
+                video = x.unflatten(0, (-1, frames))  # (B, F, C, h, w)
+                x = layer(x, torch.cat([torch.zeros_like(video[:, :1]), video[:, :-1]], 1).flatten(0, 1))
+            else:
+                x = layer(x)
+        return x.mul(2).sub(1)
+
+
+def _taesdv_state(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """taesdv.pth (encoder and decoder) -> the decoder's keys."""
+    return {k: v for k, v in raw.items() if k.startswith("decoder.")}
+
+
 def load_tiny_decoder(source: str | os.PathLike = "madebyollin/taesd", dtype: torch.dtype = torch.float32
-                      ) -> TinyDecoder:
+                      ) -> TinyDecoder | TinyVideoDecoder:
     """A TAESD decoder from a diffusers AutoencoderTiny folder or hub id (config.json + weights; the encoder's keys
-    are left out) or an original `taesd_decoder.pth` / `.safetensors` file. Missing or extra decoder keys are an
-    error naming them."""
+    are left out) or an original `taesd_decoder.pth` / `.safetensors` file; a TAESDV decoder from `taesdv.pth`
+    (or a folder / hub id holding it, e.g. madebyollin/taesdv). Missing or extra decoder keys are an error naming
+    them."""
     path = Path(source).expanduser()
     if not path.exists() and looks_like_repo_id(str(source)):
         path = hub_folder(str(source), lambda files: [f for f in files if f in (
-            "config.json", "diffusion_pytorch_model.safetensors")], what="tiny decoder")
+            "config.json", "diffusion_pytorch_model.safetensors", "taesdv.pth")], what="tiny decoder")
+    if path.is_dir() and (path / "taesdv.pth").is_file():
+        path = path / "taesdv.pth"
+    if path.is_file() and any(k.startswith("decoder.") for k in read_state_file(path)[0]):  # TAESDV
+        state = _taesdv_state(read_state_file(path)[0])
+        width = state.get("decoder.1.weight", torch.empty(64, 4))
+        return use_channels_last_weights(build_strict(
+            lambda: TinyVideoDecoder(width.shape[1], width.shape[0]), state, dtype, str(path)))
     if path.is_dir():
         config = read_json(path / "config.json")
         weights = next((path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -89,9 +150,17 @@ def load_tiny_decoder(source: str | os.PathLike = "madebyollin/taesd", dtype: to
 
 
 @torch.no_grad()
-def decode_frames(decoder: TinyDecoder, latents: torch.Tensor) -> torch.Tensor:
+def decode_frames(decoder: TinyDecoder | TinyVideoDecoder, latents: torch.Tensor) -> torch.Tensor:
     """latents (B, C, F, h, w) as the sampler returns them -> video (B, F, 3, H, W) float32 in [-1, 1]."""
     b, c, f, h, w = latents.shape
-    frames = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(decoder.layers[0].weight.dtype)
-    images = decoder(frames.contiguous(memory_format=torch.channels_last))  # oneDNN's fast conv layout on CPU
+    dtype = next(decoder.parameters()).dtype
+    frames = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(dtype)
+    frames = frames.contiguous(memory_format=torch.channels_last)  # oneDNN's fast conv layout on CPU
+    images = decoder(frames, f) if isinstance(decoder, TinyVideoDecoder) else decoder(frames)
     return images.reshape(b, f, *images.shape[1:]).float()
+
+
+def preview_frames(decoder: TinyDecoder | TinyVideoDecoder, latents: torch.Tensor) -> np.ndarray:
+    """latents (B, C, F, h, w) -> uint8 frames (B, F, H, W, 3) by the tiny decoder (live previews)."""
+    video = decode_frames(decoder, latents.to(next(decoder.parameters()).device))  # (B, F, 3, H, W) in [-1, 1]
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()

@@ -28,6 +28,7 @@ class ModelOptions:
     lora_target: str | None = None
     turbo: bool = False
     lora_dir: str | None = None  # adapters a request may name
+    preview_decoder: str | None = None  # tiny decoder for the live previews (TAESD / TAESDV)
 
 
 def _settings_from(description: dict[str, Any], settings: ServeSettings) -> ServeSettings:
@@ -53,7 +54,7 @@ def local_app(settings: ServeSettings, options: ModelOptions, devices: list[str 
                                                    revision=options.revision, vae=options.vae,
                                                    text_encoder=options.clip).to(device)
         runner = JobRunner(pipe, options.model, options.loras, options.lora_weight_name, options.lora_target,
-                           options.turbo, named)
+                           options.turbo, named, options.preview_decoder)
         workers.append(Worker(store, runner, str(device)))
     return create_app(store, workers, _settings_from(workers[0].runner.describe(), settings))
 
@@ -66,7 +67,8 @@ def ray_app(settings: ServeSettings, options: ModelOptions, address: str, worker
     check_lora_names(list(lora_files(options.lora_dir)), options.loras, options.turbo)  # before any actor starts
     store = JobStore(settings.data_dir)
     actor_options = {k: getattr(options, k) for k in ("model", "variant", "revision", "dtype", "vae", "clip", "loras",
-                                                      "lora_weight_name", "lora_target", "turbo")}
+                                                      "lora_weight_name", "lora_target", "turbo",
+                                                      "preview_decoder")}
     pool = RayWorkers(store, address, actor_options, lora_files(options.lora_dir), workers, gpus_per_worker,
                       cpus_per_worker)
     description = pool.connect()

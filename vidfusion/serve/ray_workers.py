@@ -56,7 +56,7 @@ class JobActor:
             (Path(self._folder.name) / file_name).write_bytes(data)
             files[name] = (str(Path(self._folder.name) / file_name), recorded)
         self.runner = JobRunner(pipe, options["model"], options["loras"], options["lora_weight_name"],
-                                options["lora_target"], options["turbo"], files)
+                                options["lora_target"], options["turbo"], files, options["preview_decoder"])
         self._lock = threading.Lock()
         self._stop: set[str] = set()  # jobs to stop: a stop that arrives before its run starts is kept
         self._latest: dict[str, tuple[int, int, bytes | None]] = {}

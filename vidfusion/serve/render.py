@@ -87,8 +87,9 @@ class JobRunner:
 
     def __init__(self, pipe: Any, model: str, loras: list[tuple[str, float]] | None = None,
                  lora_weight_name: str | None = None, lora_target: str | None = None, turbo: bool = False,
-                 named_loras: dict[str, tuple[str, str]] | None = None):
-        """named_loras: name -> (file to load on this machine, path recorded in the videos)."""
+                 named_loras: dict[str, tuple[str, str]] | None = None, preview_decoder: str | None = None):
+        """named_loras: name -> (file to load on this machine, path recorded in the videos); preview_decoder: a
+        tiny decoder (TAESD / TAESDV, pipe.load_tiny_decoder) for real preview pictures at every step."""
         pipe.set_progress_bar_config(disable=True)
         check_lora_names(list(named_loras or {}), loras or [], turbo)
         self.pipe = pipe
@@ -97,6 +98,8 @@ class JobRunner:
         self.named = {name: recorded for name, (_, recorded) in (named_loras or {}).items()}
         for name, (path, _) in (named_loras or {}).items():
             pipe.load_lora_weights(path, adapter_name=name, scale=0.0, target=lora_target)
+        if preview_decoder:
+            pipe.load_tiny_decoder(preview_decoder)
         self._in_use: dict[str, float] | None = None
         self._use_loras([])
         self._video_pipe: Any = None
@@ -139,7 +142,9 @@ class JobRunner:
         total = params["num_inference_steps"]
 
         def on_step(step: int, timestep: torch.Tensor, latents: torch.Tensor) -> None:
-            preview = image_bytes(self.pipe.preview(latents)[0], "PNG", scale=self.pipe.vae_scale_factor)
+            middle = latents.shape[2] // 2  # the preview is the middle frame: only it is decoded
+            frame = self.pipe.preview(latents[:1, :, middle:middle + 1])[0]  # (1, H or h, W or w, 3)
+            preview = image_bytes(frame, "PNG", scale=max(1, params["height"] // frame.shape[1]))
             if not report(step + 1, total, preview):
                 raise JobCancelled
 

@@ -3,6 +3,7 @@
     python benchmarks/bench_adapters.py turbo                       # cpu-small: 4-step t2v-turbo vs 25-step dpmpp-2m
     python benchmarks/bench_adapters.py turbo --config full --dtype bfloat16 --repeats 1   # real 1.7B shapes
     python benchmarks/bench_adapters.py overhead --config tiny      # step time: no adapter / switchable / fused
+    python benchmarks/bench_adapters.py merge --config full --dtype bfloat16   # T2V-Turbo LoRA: read + merge, switch
 
 Random weights in the published layout (init-random, or bench.py's cpu-small checkpoint); the T2V-Turbo LoRA is a
 random cloneofsimo list over the whole UNet with the guidance embedding, rank 32 as published. Prints medians and
@@ -126,9 +127,49 @@ def bench_overhead(pipe, size: dict, repeats: int, folder: Path) -> dict:
             "fused / none": m["fused"] / m["none"], "set_adapters s (median)": statistics.median(switches)}
 
 
+def _fingerprints(model: torch.nn.Module) -> dict[str, str]:
+    """sha256 of every weight's bytes."""
+    import hashlib
+
+    return {k: hashlib.sha256(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in model.state_dict().items()}
+
+
+def bench_merge(config: str, dtype: torch.dtype, folder: Path) -> dict:
+    """T2V-Turbo's LoRA (575 layers, rank 32) on a UNet of `config` built in memory (no checkpoint on disk): reading
+    the file and merging it (pipe.load_lora_weights' work), a weight change (set_adapters), an exact unload."""
+    from vidfusion.adapters import LoraAdapters
+    from vidfusion.config import PRESETS
+    from vidfusion.loading import build_unet
+    from vidfusion.lora_formats import read_lora_file
+    from vidfusion.random_checkpoint import _randomize
+    from vidfusion.unet3d import UNet3D
+
+    cfg = PRESETS[config][0]
+    with torch.device("meta"):
+        meta = UNet3D(cfg)
+    unet = build_unet(cfg, _randomize(meta, torch.Generator().manual_seed(0)), dtype, "random").eval()
+    path = make_turbo_lora(type("Pipe", (), {"unet": unet})(), folder / "unet_lora.pt")
+    before = _fingerprints(unet)  # not clones: 3.4 GB more resident memory slows the merge itself by 2x
+    models, adapters = {"unet": unet}, LoraAdapters()
+    start = time.perf_counter()
+    adapters.load(models, read_lora_file(path), "t2v-turbo", 1.0, None)
+    load = time.perf_counter() - start
+    layers = len(adapters.adapters["t2v-turbo"].layers)
+    start = time.perf_counter()
+    adapters.set_adapters(models, ["t2v-turbo"], [0.5])
+    switch = time.perf_counter() - start
+    start = time.perf_counter()
+    adapters.unload(models)
+    unload = time.perf_counter() - start
+    exact = _fingerprints(unet) == before
+    return {"LoRA layers": layers, "read + merge s": load, "set_adapters s": switch,
+            "unload s": unload, "unload bit-exact": exact}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("turbo", "overhead"))
+    parser.add_argument("what", choices=("turbo", "overhead", "merge"))
     parser.add_argument("--config", choices=CONFIGS, default="cpu-small")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", default="cpu")
@@ -143,6 +184,12 @@ def main() -> None:
 
     from vidfusion import TextToVideoPipeline
 
+    if args.what == "merge":
+        with tempfile.TemporaryDirectory() as tmp:
+            result = bench_merge(args.config, getattr(torch, args.dtype), Path(tmp))
+        for key, value in result.items():
+            print(f"{key:>34}: {value:.3f}" if isinstance(value, float) else f"{key:>34}: {value}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.checkpoint) if args.checkpoint else make_checkpoint(args.config, Path(tmp) / "ckpt")
         pipe = TextToVideoPipeline.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device)

@@ -112,18 +112,19 @@ class LoraAdapters:
                 component, name = path.split(".", 1)
                 module = models[component].get_submodule(name)
                 weight = module.weight
-                if path not in self.originals:
-                    self.originals[path] = weight.detach().to("cpu", copy=True)
+                if path not in self.originals:  # on CPU the weight tensor itself (_set_weight never writes into it)
+                    cpu = weight.device.type == "cpu"
+                    self.originals[path] = weight.detach() if cpu else weight.detach().to("cpu", copy=True)
                 original = self.originals[path]
                 contributions = [(self.adapters[a].layers[path], w) for a, w in weights.items()
                                  if path in self.adapters[a].layers and w != 0]
                 if contributions:
-                    merged = original.to(weight.device, torch.float32, copy=True)  # never the backup itself
+                    merged = original.to(weight.device, _product_dtype(weight))  # plus() never writes into it
                     for layer, w in contributions:
-                        merged += w * layer.delta(weight.shape, weight.device)
-                    weight.copy_(merged)
+                        merged = layer.plus(merged, w)
+                    _set_weight(module, merged)
                 else:
-                    weight.copy_(original)
+                    _set_weight(module, original)
                 if path not in touched:
                     del self.originals[path]
                 parent = models[component].get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
@@ -147,6 +148,27 @@ class LoraAdapters:
 
     def applied(self) -> list[str]:
         return [n for n in {**self.active, **self.fused} if n in self.adapters]
+
+
+def _set_weight(module: nn.Module, value: torch.Tensor) -> None:
+    """module.weight := value. On CPU the module is handed a tensor (value itself when it has the weight's dtype and
+    layout, else a copy in them), so the original weight is kept without a backup copy and restored without one;
+    elsewhere value is copied into the weight (the backup stays in CPU memory)."""
+    weight = module.weight
+    if weight.device.type != "cpu":
+        weight.copy_(value)
+    elif value.dtype == weight.dtype and value.stride() == weight.stride():
+        weight.data = value
+    else:
+        weight.data = torch.empty_like(weight).copy_(value)
+
+
+def _product_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a merge into this weight runs in (the products accumulate in float32 either way): the weight's own
+    where its matmuls are fast (float32, bfloat16 anywhere, float16 on GPUs), else float32."""
+    if weight.dtype == torch.bfloat16 or (weight.dtype == torch.float16 and weight.device.type != "cpu"):
+        return weight.dtype
+    return torch.float32
 
 
 def _check_weight(value: Any, what: str) -> None:

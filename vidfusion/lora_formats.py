@@ -44,12 +44,22 @@ class LoraLayer:
     stable_view: tuple[int, ...] | None = None
 
     def delta(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """scale * (up @ down) as a float32 weight of `shape`."""
         product = self.up.to(device, torch.float32).flatten(1) @ self.down.to(device, torch.float32).flatten(1)
         if self.stable_view is not None:
             product = product.view(self.stable_view)
             if len(self.stable_view) == 5:
                 product = product.mean(dim=-2, keepdim=True)
         return product.reshape(shape) * self.scale
+
+    def plus(self, base: torch.Tensor, weight: float) -> torch.Tensor:
+        """base + weight * delta as a new tensor of base's dtype (base, a weight in the standard layout, is never
+        changed): one addmm for the standard layout — the product accumulated in float32 and added before the one
+        rounding to base's dtype, no product tensor, no extra passes over the weight."""
+        if self.stable_view is not None:
+            return (base.float() + self.delta(base.shape, base.device) * weight).to(base.dtype)
+        up, down = self.up.to(base.device, base.dtype).flatten(1), self.down.to(base.device, base.dtype).flatten(1)
+        return torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=self.scale * weight).view(base.shape)
 
     def check(self, weight_shape: torch.Size) -> str | None:
         """None if this layer fits a weight of that shape, else what is wrong."""

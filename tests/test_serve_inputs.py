@@ -262,3 +262,23 @@ def test_preview_decoder_gives_real_preview_pictures(tiny_checkpoint, pipe, tmp_
     expected = preview_frames(load_tiny_decoder(tmp_path / "taesd"), latents[:, :, 1:2])[0, 0]
     assert got.shape == (32, 32, 3)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_step_caching_per_request(server, pipe, tmp_path):
+    """`cache` fields run the job with step caching: the same video as the pipeline with cache="deepcache" (a
+    server that dropped the fields would make the uncached video); a few-step sampler with cache is a 422."""
+    request = {**SMALL, "num_inference_steps": 6, "prompt": "cached", "seed": 8, "cache": "deepcache",
+               "cache_interval": 2}
+    with server.client() as c:
+        job = wait_for(c, c.post("/v1/videos", json=request).json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        got = frames_of(c.get(f"/v1/videos/{job['id']}/content").content, tmp_path)
+        refused = c.post("/v1/videos", json={**request, "sampler": "mcm"})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "cache"
+    call = dict(num_frames=SMALL["num_frames"], height=SMALL["height"], width=SMALL["width"], num_inference_steps=6,
+                guidance_scale=SMALL["guidance_scale"], output_type="np")
+    cached = pipe("cached", generator=torch.Generator().manual_seed(8), cache="deepcache", cache_interval=2,
+                  **call).frames[0]
+    plain = pipe("cached", generator=torch.Generator().manual_seed(8), **call).frames[0]
+    np.testing.assert_array_equal(got, encoded(cached, tmp_path))
+    assert not np.array_equal(encoded(plain, tmp_path, "plain.mp4"), got)

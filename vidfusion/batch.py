@@ -26,7 +26,7 @@ from .schedules import SAMPLER_NAMES
 
 FIELDS = {"id": str, "prompt": str, "negative_prompt": str, "seed": int, "num_frames": int, "height": int,
           "width": int, "num_inference_steps": int, "guidance_scale": float, "sampler": str, "fps": int,
-          "format": str, "interpolate_fps": int}
+          "format": str, "interpolate_fps": int, "cache": str, "cache_interval": int, "cache_branch": int}
 FORMATS = ("mp4", "webm", "gif")
 MANIFEST = "manifest.jsonl"
 # errors that are the row's own fault: recorded at once, never retried
@@ -113,7 +113,8 @@ def _check_row(number: int, row: dict[str, Any]) -> dict[str, Any]:
 
 def generation_kwargs(row: dict[str, Any]) -> dict[str, Any]:
     """The pipeline arguments of a row (everything but id, seed, fps, interpolate_fps, format)."""
-    keys = ("negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "sampler")
+    keys = ("negative_prompt", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "sampler",
+            "cache", "cache_interval", "cache_branch")
     return {k: row[k] for k in keys if row.get(k) is not None}
 
 

@@ -58,8 +58,12 @@ class LoraLayer:
         rounding to base's dtype, no product tensor, no extra passes over the weight."""
         if self.stable_view is not None:
             return (base.float() + self.delta(base.shape, base.device) * weight).to(base.dtype)
-        up, down = self.up.to(base.device, base.dtype).flatten(1), self.down.to(base.device, base.dtype).flatten(1)
-        return torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=self.scale * weight).view(base.shape)
+        order = _memory_order(base)  # channels-last convs: (out, kh, kw, in) is the contiguous order
+        down = self.down.to(base.device, base.dtype)  # (r, in[, k...]) or (r, in * k...): as base's dims 1..
+        down = down.reshape(down.shape[0], *base.shape[1:]).permute(order).reshape(down.shape[0], -1)
+        flat = base.permute(order).reshape(base.shape[0], -1)  # a view when base is contiguous in that order
+        merged = torch.addmm(flat, self.up.to(base.device, base.dtype).flatten(1), down, alpha=self.scale * weight)
+        return merged.view([base.shape[i] for i in order]).permute(_inverse(order))  # base's shape and strides
 
     def check(self, weight_shape: torch.Size) -> str | None:
         """None if this layer fits a weight of that shape, else what is wrong."""
@@ -74,6 +78,20 @@ class LoraLayer:
                 fits = fits and tuple(self.down.shape[2:]) == tuple(weight_shape[2:])
         return None if fits else (f"up {tuple(self.up.shape)} @ down {tuple(self.down.shape)} does not fit the "
                                   f"weight {tuple(weight_shape)}")
+
+
+def _memory_order(tensor: torch.Tensor) -> list[int]:
+    """The dims in memory order, outermost first, when the output dim 0 is outermost (standard or channels-last
+    weights); else the logical order."""
+    order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
+    return order if order[0] == 0 else list(range(tensor.dim()))
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return inverse
 
 
 @dataclass

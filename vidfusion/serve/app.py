@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..fileio import atomic_file, write_bytes
 from ..schedules import SAMPLER_NAMES
+from ..step_cache import NO_CACHE_NAMES
 from ..video_io import probe_video
 from .jobs import FINISHED, STATUSES, IdempotencyConflictError, JobStore, QueueFullError
 from .ui import render_ui
@@ -76,6 +77,9 @@ class VideoRequest(BaseModel):
     interpolate_fps: int | None = Field(default=None, ge=2, le=120)  # motion-interpolated to this rate
     loras: list[LoraChoice] = Field(default_factory=list, max_length=16)  # per-request adapters (--lora-dir)
     strength: float | None = Field(default=None, ge=0.0, le=1.0)  # video inputs: 0 keeps the video, 1 ignores it
+    cache: Literal["deepcache", "faster-diffusion"] | None = None  # step caching (multi-step samplers)
+    cache_interval: int = Field(default=3, ge=1, le=50)  # deepcache: a full UNet step every N steps
+    cache_branch: int = Field(default=0, ge=0, le=32)  # deepcache: the skip branch cached below (0: fastest)
 
     @field_validator("prompt")
     @classmethod
@@ -144,6 +148,9 @@ def video_params(body: VideoRequest, settings: ServeSettings, source: SourceVide
     if params["guidance_scale"] is None:
         params["guidance_scale"] = defaults[1]
     _check_loras(params["loras"], settings)
+    if params["cache"] is not None and params["sampler"] in NO_CACHE_NAMES:
+        raise _field_error("cache", f"cache is for multi-step samplers; {params['sampler']} runs a few steps that "
+                                    "each need the whole UNet")
     if params["interpolate_fps"] is not None and params["interpolate_fps"] <= params["fps"]:
         raise _field_error("interpolate_fps", f"interpolate_fps must be above fps ({params['fps']})")
     if params["num_frames"] > settings.max_frames:

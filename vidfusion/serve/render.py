@@ -173,6 +173,9 @@ class JobRunner:
         for key in ("image", "last_image"):
             if params.get(key):
                 options[key] = Image.open(io.BytesIO(inputs[key])).convert("RGB")
+        if params.get("cache"):
+            options.update(cache=params["cache"], cache_interval=params["cache_interval"],
+                           cache_branch=params["cache_branch"])
         if not params.get("video"):
             return self.pipe, {**options, "num_frames": params["num_frames"]}
         from ..video_io import read_video

@@ -67,6 +67,9 @@ _PAGE = """<!doctype html>
         <input id="guidance_scale" type="number" min="0" step="0.5" value="__GUIDANCE__"></div>
       <div><label for="sampler">Sampler</label><select id="sampler">__SAMPLERS__</select></div>
       <div><label for="seed">Seed (empty: random)</label><input id="seed" type="number" min="0"></div>
+      <div><label for="cache">Step caching</label><select id="cache"><option value="">off</option>
+        <option value="deepcache">DeepCache (~2x)</option><option value="faster-diffusion">Faster Diffusion</option>
+      </select></div>
     </div>
     <label for="image">First frame picture (optional)</label>
     <input id="image" type="file" accept="image/*">
@@ -126,6 +129,7 @@ function params() {
     if ($(k).value !== "") p[k] = parseInt($(k).value, 10);
   p.guidance_scale = parseFloat($("guidance_scale").value);
   if ($("sampler").value) p.sampler = $("sampler").value;
+  if ($("cache").value) p.cache = $("cache").value;
   if ($("video").files.length) p.strength = parseFloat($("strength").value);
   if ($("video").files.length)  // the input's frames, size and rate unless changed here
     for (const k of ["num_frames", "width", "height", "fps"]) if ($(k).dataset.touched !== "1") delete p[k];

@@ -175,14 +175,38 @@ def test_cache_errors_and_recorded_settings(ours):
         {"cache": "deepcache", "cache_interval": 2, "cache_branch": 0}
 
 
-def test_windows_and_free_init_keep_one_cache_per_window_and_pass(ours):
-    """A long clip in windows: each window keeps its own features (a single shared cache would hand one window's
-    features to the next and differ from running the windows' steps in full at interval 1)."""
-    kwargs = dict(num_frames=6, window_size=4, window_stride=2, height=32, width=32, num_inference_steps=4,
-                  output_type="latent", sampler="ddim")
-    plain = ours("x", generator=torch.Generator().manual_seed(1), **kwargs).frames
-    same = ours("x", generator=torch.Generator().manual_seed(1), cache="deepcache", cache_interval=1, **kwargs).frames
-    assert torch.equal(plain, same)
-    twice = ours("x", generator=torch.Generator().manual_seed(1), cache="faster-diffusion",
-                 free_init_iterations=2, **kwargs).frames
-    assert torch.isfinite(twice).all()
+def mid_calls(ours, monkeypatch, **kwargs) -> int:
+    """How many times the mid block (run on full steps only) ran in one call of `ours`."""
+    count = {"n": 0}
+    forward = ours.unet.mid_block.forward
+
+    def counted(*args, **kw):
+        count["n"] += 1
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(ours.unet.mid_block, "forward", counted)
+    ours("x", height=32, width=32, **kwargs)
+    monkeypatch.undo()
+    return count["n"]
+
+
+@pytest.mark.parametrize("sampler, plain, cached", [("heun", 11, 6), ("pndm", 7, 4), ("dpmpp-2m", 6, 3)])
+def test_steps_are_the_samplers_steps(ours, monkeypatch, sampler, plain, cached):
+    """Full steps 0, 2, 4 of 6 (interval 2) run every evaluation of those steps in full: heun's second evaluation
+    and pndm's warm-up evaluation belong to their step (a counter of distinct timesteps got heun's steps wrong:
+    its second evaluation shares the next step's timestep)."""
+    args = dict(num_frames=2, num_inference_steps=6, sampler=sampler)
+    assert mid_calls(ours, monkeypatch, **args) == plain
+    assert mid_calls(ours, monkeypatch, cache="deepcache", cache_interval=2, **args) == cached
+
+
+def test_windows_free_init_and_loops(ours, monkeypatch):
+    """Windows of frames each keep their own cache (2 windows x full steps 0, 3), FreeInit passes start over
+    (2 passes x that), and a looping clip — whose one window rotates over the frames at every call — is refused."""
+    args = dict(num_frames=6, window_size=4, window_stride=2, num_inference_steps=6, sampler="ddim",
+                cache="deepcache", cache_interval=3)
+    assert mid_calls(ours, monkeypatch, **args) == 4
+    assert mid_calls(ours, monkeypatch, free_init_iterations=2, **args) == 8
+    kwargs = dict(args, num_frames=4, window_size=4, loop=True)
+    with pytest.raises(ValueError, match="does not combine with loop=True"):
+        ours("x", height=32, width=32, **kwargs)

@@ -155,6 +155,8 @@ def _set_weight(module: nn.Module, value: torch.Tensor) -> None:
     layout, else a copy in them), so the original weight is kept without a backup copy and restored without one;
     elsewhere value is copied into the weight (the backup stays in CPU memory)."""
     weight = module.weight
+    if hasattr(module, "_kernels"):  # winograd.WinogradConv2d's kernels of the old weight (its address may be reused)
+        module._kernels = None
     if weight.device.type != "cpu":
         weight.copy_(value)
     elif value.dtype == weight.dtype and value.stride() == weight.stride():

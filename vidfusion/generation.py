@@ -148,7 +148,7 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 image_weights=frame_weights(images, num_frames, call["image_weights"]) if images else None,
                 edits=text_edits(keyframes[1] if keyframes else prompts, negatives, steps, call["prompt_syntax"]),
                 cache=check_cache(call["cache"], call["cache_interval"], call["cache_branch"], call["cache_schedule"],
-                                  base, pipe.unet))
+                                  base, pipe.unet, call["loop"]))
 
 
 def check_noise_inputs(shape: tuple[int, ...], generator: Any, latents: torch.Tensor | None) -> None:
@@ -237,12 +237,15 @@ class StepReporter:
         self.offset = 0
         self.contexts: StepContexts | None = None  # advanced after every step (prompt editing)
         self.conditioning: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # pictures fixed in frames
+        self.step_cache: Any = None  # step_cache.CachedNetwork: told where each step ends
 
     def begin_pass(self, iteration: int, steps: int) -> None:
         """A sampler pass starts (FreeInit repeats it): steps count from here, texts from the first step."""
         self.offset = iteration * steps
         if self.contexts is not None:
             self.contexts.step = 1
+        if self.step_cache is not None:
+            self.step_cache.begin_pass()
 
     def start(self) -> None:
         from tqdm.auto import tqdm
@@ -255,6 +258,8 @@ class StepReporter:
 
     def __call__(self, step: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.progress.update()
+        if self.step_cache is not None:
+            self.step_cache.next_step()
         if self.contexts is not None:
             self.contexts.step = step + 2  # the next step's text (steps count from 1)
         if self.conditioning is not None:

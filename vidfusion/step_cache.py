@@ -10,9 +10,10 @@ next, so most steps reuse them (unet3d.FeatureCache says what is kept; this modu
   for 50 steps, (0, 1, 2, 3, 5, 10, 15, 25, 35), scaled to other step counts. (Their prior noise injection is not
   part of this.)
 
-Steps are counted per sampler pass (a rising timestep starts a new pass: FreeInit) and the cache is kept per call
-within a step (windows of frames each have their own); a step whose batch differs from the cached one (guidance
-interval boundaries) runs in full.
+Steps are the sampler's (its step callback advances them; FreeInit passes start over) and the cache is kept per
+evaluation within a step (windows of frames, heun's second evaluation each have their own); a step whose batch
+differs from the cached one (guidance interval boundaries) runs in full. Looping clips are refused: their single
+window rotates over the frames at every call, so no feature would belong to the same frames twice.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class CacheSettings:
         return {**out, "cache_schedule": self.schedule} if self.schedule != "uniform" else out
 
 
-def check_cache(kind: str | None, interval: int, branch: int, schedule: str, base: str, unet: Any
-                ) -> CacheSettings | None:
+def check_cache(kind: str | None, interval: int, branch: int, schedule: str, base: str, unet: Any,
+                loop: bool = False) -> CacheSettings | None:
     """The cache settings of a call (None: no caching); a clear error for what cannot run."""
     if kind is None:
         return None
@@ -59,6 +60,9 @@ def check_cache(kind: str | None, interval: int, branch: int, schedule: str, bas
     if base in NO_CACHE_SAMPLERS:
         raise ValueError(f"cache={kind!r} is for multi-step samplers; the few-step sampler {base} runs 4 steps that "
                          "each need the whole UNet (leave cache out)")
+    if loop:
+        raise ValueError(f"cache={kind!r} does not combine with loop=True: a looping clip's frames shift at every "
+                         "step, so no cached feature matches them (leave one of the two out)")
     if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
         raise ValueError(f"cache_interval must be an integer >= 1, got {interval!r}")
     branches = sum(len(block.resnets) for block in unet.up_blocks)
@@ -98,30 +102,33 @@ def _quadratic_steps(steps: int, count: int, center: int, power: float) -> list[
 
 class CachedNetwork:
     """`network(x, t, context)` around the UNet with step caching: full steps fill a FeatureCache, the others reuse
-    it. The same signature as the plain network, so cfg_model and windows wrap it unchanged."""
+    it. The same signature as the plain network, so cfg_model and windows wrap it unchanged. The sampler's step
+    callback (StepReporter) calls `next_step()` after each step and `begin_pass()` at each FreeInit pass, so steps
+    are the sampler's own (heun's and pndm's extra evaluations within a step each keep their own cache)."""
 
     def __init__(self, unet: Any, settings: CacheSettings, steps: int,
-                 call: Callable[[torch.Tensor, torch.Tensor, Any, FeatureCache], torch.Tensor]):
+                 call: Callable[[torch.Tensor, torch.Tensor, Any, FeatureCache], torch.Tensor], reporter: Any):
         self.unet, self.settings, self.call = unet, settings, call
         self.full = full_steps(settings, steps)
-        self.step, self.last_t, self.slot = -1, None, 0
-        self.caches: dict[int, FeatureCache] = {}
+        self.step, self.evaluation = 0, 0
+        self.caches: dict[int, FeatureCache] = {}  # evaluation index within a step (window, heun's 2nd) -> cache
         self.full_calls = self.cached_calls = 0  # counted, for tests and benchmarks
+        reporter.step_cache = self
+
+    def next_step(self) -> None:
+        self.step, self.evaluation = self.step + 1, 0
+
+    def begin_pass(self) -> None:
+        self.step, self.evaluation, self.caches = 0, 0, {}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: Any) -> torch.Tensor:
-        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-        if self.last_t is None or value > self.last_t:  # a new sampler pass
-            self.step, self.caches = 0, {}
-        elif value < self.last_t:
-            self.step += 1
-        self.slot = 0 if value != self.last_t else self.slot + 1  # calls within one step (windows)
-        self.last_t = value
+        slot, self.evaluation = self.evaluation, self.evaluation + 1
         branch = None if self.settings.kind == "faster-diffusion" else self.settings.branch
-        cache = self.caches.get(self.slot)
+        cache = self.caches.get(slot)
         kept = cache.hidden if cache is not None else None
         reuse = self.step not in self.full and kept is not None and kept.shape[0] == x.shape[0]
         if not reuse:
-            cache = self.caches[self.slot] = FeatureCache(branch)
+            cache = self.caches[slot] = FeatureCache(branch)
         cache.reuse = reuse
         self.cached_calls += reuse
         self.full_calls += not reuse

@@ -118,8 +118,9 @@ def load_tiny_decoder(source: str | os.PathLike = "madebyollin/taesd", dtype: to
             "config.json", "diffusion_pytorch_model.safetensors", "taesdv.pth")], what="tiny decoder")
     if path.is_dir() and (path / "taesdv.pth").is_file():
         path = path / "taesdv.pth"
-    if path.is_file() and any(k.startswith("decoder.") for k in read_state_file(path)[0]):  # TAESDV
-        state = _taesdv_state(read_state_file(path)[0])
+    raw = read_state_file(path)[0] if path.is_file() else None
+    if isinstance(raw, dict) and "decoder.1.weight" in raw and not any(k.startswith("decoder.layers.") for k in raw):
+        state = _taesdv_state(raw)  # TAESDV (diffusers' AutoencoderTiny files say decoder.layers.*)
         width = state.get("decoder.1.weight", torch.empty(64, 4))
         return use_channels_last_weights(build_strict(
             lambda: TinyVideoDecoder(width.shape[1], width.shape[0]), state, dtype, str(path)))
@@ -133,7 +134,6 @@ def load_tiny_decoder(source: str | os.PathLike = "madebyollin/taesd", dtype: to
                       channels=tuple(config.get("decoder_block_out_channels", (64, 64, 64, 64))),
                       upsampling=config.get("upsampling_scaling_factor", 2))
     else:
-        raw = read_state_file(path)[0]
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path}: not a TAESD decoder state dict")
         state = {}

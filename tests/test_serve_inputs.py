@@ -275,6 +275,8 @@ def test_step_caching_per_request(server, pipe, tmp_path):
         got = frames_of(c.get(f"/v1/videos/{job['id']}/content").content, tmp_path)
         refused = c.post("/v1/videos", json={**request, "sampler": "mcm"})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "cache"
+        deep = c.post("/v1/videos", json={**request, "cache_branch": 4})  # the tiny UNet has branches 0..3
+        assert deep.status_code == 422 and deep.json()["detail"][0]["loc"][-1] == "cache_branch"
     call = dict(num_frames=SMALL["num_frames"], height=SMALL["height"], width=SMALL["width"], num_inference_steps=6,
                 guidance_scale=SMALL["guidance_scale"], output_type="np")
     cached = pipe("cached", generator=torch.Generator().manual_seed(8), cache="deepcache", cache_interval=2,

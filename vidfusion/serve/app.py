@@ -48,6 +48,8 @@ class ServeSettings:
     max_upload_mb: float = 20.0  # the largest picture or video a request may upload
     video_metadata: dict[str, Any] = field(default_factory=dict)  # model, base LoRAs: recorded in every video
     loras: tuple[str, ...] = ()  # adapters a request may name (--lora-dir), loaded once on every worker
+    default_sampler: str = "ddim"  # the solver a request without `sampler` runs (t2v-turbo on a turbo server)
+    cache_branches: int = 12  # DeepCache skip branches of the model's UNet
 
 
 class LoraChoice(BaseModel):
@@ -148,9 +150,12 @@ def video_params(body: VideoRequest, settings: ServeSettings, source: SourceVide
     if params["guidance_scale"] is None:
         params["guidance_scale"] = defaults[1]
     _check_loras(params["loras"], settings)
-    if params["cache"] is not None and params["sampler"] in NO_CACHE_NAMES:
-        raise _field_error("cache", f"cache is for multi-step samplers; {params['sampler']} runs a few steps that "
-                                    "each need the whole UNet")
+    sampler = params["sampler"] or settings.default_sampler
+    if params["cache"] is not None and sampler in NO_CACHE_NAMES:
+        raise _field_error("cache", f"cache is for multi-step samplers; {sampler} runs a few steps that each need "
+                                    "the whole UNet")
+    if params["cache"] is not None and params["cache_branch"] >= settings.cache_branches:
+        raise _field_error("cache_branch", f"cache_branch must be below {settings.cache_branches} on this model")
     if params["interpolate_fps"] is not None and params["interpolate_fps"] <= params["fps"]:
         raise _field_error("interpolate_fps", f"interpolate_fps must be above fps ({params['fps']})")
     if params["num_frames"] > settings.max_frames:

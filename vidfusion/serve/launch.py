@@ -36,7 +36,8 @@ def _settings_from(description: dict[str, Any], settings: ServeSettings) -> Serv
     size = description["size"]
     return replace(settings, default_height=size, default_width=size, sampler_defaults=description["sampler_defaults"],
                    video_sampler_defaults=description["video_sampler_defaults"],
-                   video_metadata=description["video_metadata"], loras=tuple(description["loras"]))
+                   video_metadata=description["video_metadata"], loras=tuple(description["loras"]),
+                   default_sampler=description["default_sampler"], cache_branches=description["cache_branches"])
 
 
 def local_app(settings: ServeSettings, options: ModelOptions, devices: list[str | None]) -> FastAPI:

@@ -108,7 +108,9 @@ class JobRunner:
         """What the API process needs to know of the pipeline (it may not load one itself)."""
         return {"sampler_defaults": self.pipe.sampler_defaults(), "video_metadata": self.metadata,
                 "video_sampler_defaults": self._video_pipeline().sampler_defaults(),
-                "size": self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor, "loras": sorted(self.named)}
+                "size": self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor, "loras": sorted(self.named),
+                "default_sampler": self.pipe.sampler_or_turbo(None)[0],
+                "cache_branches": sum(len(block.resnets) for block in self.pipe.unet.up_blocks)}
 
     def _use_loras(self, requested: list[dict[str, Any]]) -> None:
         """The base adapters plus the requested ones at their weights (skipped when the last job used the same)."""

@@ -33,6 +33,10 @@ CASES = {
     "cpu-small": dict(**CPU_MODEL, frames=8, height=128, width=128, steps=4),
     # the same weights at a larger video: 16 frames 256x256 (VAE-heavy)
     "cpu-mid": dict(**CPU_MODEL, frames=16, height=256, width=256, steps=4),
+    # UNet-heavy (issue 23.5): the same UNet with a small VAE (64/128/128/128), 25 steps: the UNet is most of it
+    "cpu-unet": dict(unet=CPU_MODEL["unet"], clip=CPU_MODEL["clip"],
+                     vae=dict(block_out_channels=(64, 128, 128, 128), norm_num_groups=32, sample_size=128),
+                     frames=8, height=128, width=128, steps=25),
     # the real 1.7B shapes (GPU)
     "full-576": dict(unet={}, vae=None, clip=None, frames=24, height=320, width=576, steps=25),
     "full-256": dict(unet={}, vae=None, clip=None, frames=16, height=256, width=256, steps=25),

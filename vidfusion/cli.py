@@ -45,8 +45,8 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .serve.app import ServeSettings
-    from .serve.launch import ModelOptions, local_app, ray_app
-    from .serve.render import lora_files
+    from .serve.launch import local_app, ray_app
+    from .serve.render import ModelOptions, lora_files
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     lora_files(args.lora_dir)  # checked before anything loads

@@ -65,7 +65,7 @@ def check_cache(kind: str | None, interval: int, branch: int, schedule: str, bas
                          "step, so no cached feature matches them (leave one of the two out)")
     if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
         raise ValueError(f"cache_interval must be an integer >= 1, got {interval!r}")
-    branches = sum(len(block.resnets) for block in unet.up_blocks)
+    branches = unet.skip_count
     if not isinstance(branch, int) or isinstance(branch, bool) or not 0 <= branch < branches:
         raise ValueError(f"cache_branch must be an integer in 0..{branches - 1} (0: the shallowest), got {branch!r}")
     if schedule not in ("uniform", "quadratic"):
@@ -106,13 +106,12 @@ class CachedNetwork:
     callback (StepReporter) calls `next_step()` after each step and `begin_pass()` at each FreeInit pass, so steps
     are the sampler's own (heun's and pndm's extra evaluations within a step each keep their own cache)."""
 
-    def __init__(self, unet: Any, settings: CacheSettings, steps: int,
+    def __init__(self, settings: CacheSettings, steps: int,
                  call: Callable[[torch.Tensor, torch.Tensor, Any, FeatureCache], torch.Tensor], reporter: Any):
-        self.unet, self.settings, self.call = unet, settings, call
+        self.settings, self.call = settings, call
         self.full = full_steps(settings, steps)
         self.step, self.evaluation = 0, 0
         self.caches: dict[int, FeatureCache] = {}  # evaluation index within a step (window, heun's 2nd) -> cache
-        self.full_calls = self.cached_calls = 0  # counted, for tests and benchmarks
         reporter.step_cache = self
 
     def next_step(self) -> None:
@@ -130,6 +129,4 @@ class CachedNetwork:
         if not reuse:
             cache = self.caches[slot] = FeatureCache(branch)
         cache.reuse = reuse
-        self.cached_calls += reuse
-        self.full_calls += not reuse
         return self.call(x, t, context, cache)

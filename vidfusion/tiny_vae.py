@@ -29,7 +29,6 @@ class TinyBlock(nn.Module):
                                   nn.Conv2d(n_out, n_out, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(n_out, n_out, 3, padding=1))
         self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
-        self.fuse = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu_(self.conv(x).add_(self.skip(x)))  # in place: one pass less over the block's output

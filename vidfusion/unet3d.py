@@ -226,6 +226,11 @@ class UNet3D(nn.Module):
         return block.layer(i, x, temb_act, context)
 
     @property
+    def skip_count(self) -> int:
+        """Skip connections from the down path to the up path (each up layer consumes one): DeepCache's branches."""
+        return sum(len(block.resnets) for block in self.up_blocks)
+
+    @property
     def guidance_embedding_dim(self) -> int | None:
         """Width of the guidance-scale embedding of a guidance-distilled UNet (T2V-Turbo), else None."""
         cond_proj = self.time_embedding.cond_proj
@@ -284,7 +289,7 @@ class UNet3D(nn.Module):
         hidden state entering the layer that consumes skip `cache.branch`, and a reuse step skips what is deeper."""
         branch = cache.branch if cache is not None else None
         reuse = cache is not None and cache.reuse
-        position = sum(len(block.resnets) for block in self.up_blocks)  # the skip index each layer consumes
+        position = self.skip_count  # counts down: the skip index each layer consumes
         freeu = self.freeu if self.freeu is not None and all(self.freeu) else None
         for level, block in enumerate(self.up_blocks):
             for i in range(len(block.resnets)):

@@ -194,6 +194,14 @@ class JobStore:
             self._notify()
         return None if row is None else _job(row)
 
+    def claim_or_wait(self, timeout: float = 0.5) -> Job | None:
+        """claim(), or None after waiting up to `timeout` seconds for a change (the runners' idle loop)."""
+        job = self.claim()
+        if job is None:
+            with self.changed:
+                self.changed.wait(timeout=timeout)
+        return job
+
     def progress(self, job_id: str, step: int, total: int) -> bool:
         """Record a running job's step. False when it is no longer running (cancelled meanwhile)."""
         with self._lock:

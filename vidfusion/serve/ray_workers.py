@@ -22,7 +22,7 @@ from typing import Any
 
 from ..ray_cluster import connect
 from .jobs import FAILED, RUNNING, JobStore
-from .render import JobCancelled, JobRunner
+from .render import JobCancelled, ModelOptions, load_runner
 from .worker import complete, error_line, read_inputs, record_step
 
 log = logging.getLogger("vidfusion.serve")
@@ -35,28 +35,19 @@ CONTROL = {"concurrency_group": "control"}  # poll / cancel answer while `run` h
 class JobActor:
     """A Ray actor: one pipeline, one job at a time; `poll` and `cancel` answer while a job runs."""
 
-    def __init__(self, options: dict[str, Any], named_loras: dict[str, tuple[str, str, bytes]],
+    def __init__(self, options: ModelOptions, named_loras: dict[str, tuple[str, str, bytes]],
                  threads: int | None = None):
-        """options: from_pretrained's model, variant, revision, dtype, vae, clip and JobRunner's LoRA options;
-        named_loras: name -> (file name, path recorded in videos, bytes), written to a folder of this machine."""
+        """named_loras: name -> (file name, path recorded in videos, bytes), written to a folder of this machine."""
         import torch
-
-        from ..devices import device_and_dtype
-        from ..pipeline import TextToVideoPipeline
 
         if threads:
             torch.set_num_threads(threads)
-        device, dtype = device_and_dtype(None, options["dtype"])
-        pipe = TextToVideoPipeline.from_pretrained(options["model"], dtype=dtype, variant=options["variant"],
-                                                   revision=options["revision"], vae=options["vae"],
-                                                   text_encoder=options["clip"]).to(device)
         self._folder = tempfile.TemporaryDirectory(prefix="vidfusion-loras-")
         files = {}
         for name, (file_name, recorded, data) in named_loras.items():
             (Path(self._folder.name) / file_name).write_bytes(data)
             files[name] = (str(Path(self._folder.name) / file_name), recorded)
-        self.runner = JobRunner(pipe, options["model"], options["loras"], options["lora_weight_name"],
-                                options["lora_target"], options["turbo"], files, options["preview_decoder"])
+        self.runner = load_runner(options, None, files)
         self._lock = threading.Lock()
         self._stop: set[str] = set()  # jobs to stop: a stop that arrives before its run starts is kept
         self._latest: dict[str, tuple[int, int, bytes | None]] = {}
@@ -98,7 +89,7 @@ class JobActor:
 class RayWorkers:
     """The actor pool, driven from the API process (see the module docstring)."""
 
-    def __init__(self, store: JobStore, address: str, options: dict[str, Any],
+    def __init__(self, store: JobStore, address: str, options: ModelOptions,
                  named_loras: dict[str, Path] | None = None, workers: int | None = None,
                  gpus_per_worker: float | None = None, cpus_per_worker: float | None = None):
         self.store, self.address, self.options = store, address, options
@@ -254,10 +245,8 @@ class _Slot(threading.Thread):
                 if self.actor is None and self.start_actor() is None:
                     pool._stop.wait(5.0)  # cannot load (or no room yet): try again later
                     continue
-                job = store.claim()
+                job = store.claim_or_wait()
                 if job is None:
-                    with store.changed:
-                        store.changed.wait(timeout=0.5)
                     continue
                 self.job = job.id
                 try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 
 from ..lora import adapter_weights, apply_loras
 from ..metadata import video_settings
+from ..video_io import export_to_video, read_video
 
 INPUT_KEYS = ("image", "last_image", "video")  # params naming a file of DATA/inputs (sent to the runner as bytes)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -81,6 +82,38 @@ def image_bytes(frames: np.ndarray, fmt: str, scale: int = 1) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """What every runner loads: the checkpoint and its adapters."""
+
+    model: str
+    variant: str | None = None
+    revision: str | None = None
+    dtype: str | None = None
+    vae: str | None = None
+    clip: str | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)  # in every job (--lora PATH[:WEIGHT])
+    lora_weight_name: str | None = None
+    lora_target: str | None = None
+    turbo: bool = False
+    lora_dir: str | None = None  # adapters a request may name
+    preview_decoder: str | None = None  # tiny decoder for the live previews (TAESD / TAESDV)
+
+
+def load_runner(options: ModelOptions, device: str | None, named_loras: dict[str, tuple[str, str]]) -> JobRunner:
+    """A pipeline loaded as `options` say on `device` (None: CUDA when there is one), with the server's adapters:
+    the one loading path of the embedded workers and the Ray actors."""
+    from ..devices import device_and_dtype
+    from ..pipeline import TextToVideoPipeline
+
+    device, dtype = device_and_dtype(device, options.dtype)
+    pipe = TextToVideoPipeline.from_pretrained(options.model, dtype=dtype, variant=options.variant,
+                                               revision=options.revision, vae=options.vae,
+                                               text_encoder=options.clip).to(device)
+    return JobRunner(pipe, options.model, options.loras, options.lora_weight_name, options.lora_target,
+                     options.turbo, named_loras, options.preview_decoder)
+
+
 class JobRunner:
     """A loaded pipeline with the server's adapters: `--lora` / `--turbo` ones in every job, `--lora-dir` ones
     loaded once (inactive) and switched per job by re-merging, never reloading."""
@@ -110,7 +143,7 @@ class JobRunner:
                 "video_sampler_defaults": self._video_pipeline().sampler_defaults(),
                 "size": self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor, "loras": sorted(self.named),
                 "default_sampler": self.pipe.sampler_or_turbo(None)[0],
-                "cache_branches": sum(len(block.resnets) for block in self.pipe.unet.up_blocks)}
+                "cache_branches": self.pipe.unet.skip_count}
 
     def _use_loras(self, requested: list[dict[str, Any]]) -> None:
         """The base adapters plus the requested ones at their weights (skipped when the last job used the same)."""
@@ -161,8 +194,6 @@ class JobRunner:
             inputs_used = {"init_video": params.get("video"), "image": params.get("image"),
                            "last_image": params.get("last_image")}  # the server's copies: `generate --from` there
             settings = video_settings(output.settings, params, **self._lora_metadata(requested), **inputs_used)
-            from ..video_io import export_to_video
-
             path = export_to_video(frames, Path(tmp) / "video.mp4", fps=params["fps"],
                                    interpolate_fps=params.get("interpolate_fps"), metadata=settings)
             return JobResult(Path(path).read_bytes(), image_bytes(frames, "JPEG"), settings)
@@ -180,8 +211,6 @@ class JobRunner:
                            cache_branch=params["cache_branch"])
         if not params.get("video"):
             return self.pipe, {**options, "num_frames": params["num_frames"]}
-        from ..video_io import read_video
-
         source = tmp / f"input{Path(params['video']).suffix}"
         source.write_bytes(inputs["video"])
         frames = read_video(source, max_frames=params["num_frames"])  # (F, H, W, 3) uint8

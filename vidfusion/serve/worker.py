@@ -68,10 +68,8 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            job = self.store.claim()
+            job = self.store.claim_or_wait()
             if job is None:
-                with self.store.changed:
-                    self.store.changed.wait(timeout=0.5)
                 continue
             self.job = job.id
             try:

@@ -52,3 +52,14 @@ def test_cpu_linear_compiles_with_inductor():
     x = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_regional_compile_survives_more_block_shapes_than_dynamos_recompile_limit(fresh, monkeypatch):
+    # each block class is compiled once per weight shape: a 4-level UNet has more resnet shapes than dynamo's
+    # default limit of 8 graphs (regional compile of bench.py's cpu-unet model failed with FailOnRecompileLimitHit).
+    # With the limit at 1, the tiny model's two resnet shapes hit it unless compile() raises the limit.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    kwargs = dict(prompt="a cat", num_frames=3, height=32, width=32, num_inference_steps=1, output_type="latent")
+    plain = fresh(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    fresh.compile(backend="eager")
+    assert torch.allclose(plain, fresh(generator=torch.Generator().manual_seed(0), **kwargs).frames, atol=1e-5)

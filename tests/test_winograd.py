@@ -1,5 +1,6 @@
-"""Winograd F(4x4, 3x3) convolutions of the VAE: the published math against a float64 convolution, the rule that
-picks the path, and the VAE's frames against diffusers' decoder with the path forced on."""
+"""Winograd convolutions: F(4x4, 3x3) of the VAE and F(2x2, 3x3) of the UNet: the published math against a float64
+convolution, the rules that pick the path, and the VAE's frames and the UNet's output against diffusers' with the
+path forced on."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidfusion import winograd
-from vidfusion.winograd import WinogradConv2d
+from vidfusion.winograd import WinogradConv2d, WinogradF2Conv2d
 
 
-def _conv(c_in: int, c_out: int, seed: int = 0) -> WinogradConv2d:
+def _conv(c_in: int, c_out: int, seed: int = 0, cls: type[WinogradConv2d] = WinogradConv2d) -> WinogradConv2d:
     torch.manual_seed(seed)
-    conv = WinogradConv2d(c_in, c_out, 3, padding=1)
+    conv = cls(c_in, c_out, 3, padding=1)
     conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)  # as loading stores it
     return conv
 
@@ -28,26 +29,53 @@ def forced(monkeypatch):
     """The Winograd path on for the tiny shapes tests use."""
     monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "F2_MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "ENABLED", True)
 
 
+@pytest.mark.parametrize("cls, bound", [
+    (WinogradConv2d, 3e-5),  # F(4x4, 3x3): ~1e-5
+    (WinogradF2Conv2d, 1e-6),  # F(2x2, 3x3): ~3e-7, below the direct convolution's ~2e-6
+])
 @pytest.mark.parametrize("n, c_in, c_out, h, w, chunk", [
     (1, 16, 24, 16, 16, 8 << 20),  # one block of tile rows
     (3, 24, 16, 20, 12, 4096),  # several frames, H != W, many blocks (the bottom border inside the last one)
     (2, 8, 8, 8, 28, 1),  # one tile row per block
 ])
-def test_matches_a_float64_convolution(forced, monkeypatch, n, c_in, c_out, h, w, chunk):
+def test_matches_a_float64_convolution(forced, monkeypatch, cls, bound, n, c_in, c_out, h, w, chunk):
     monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk)
-    conv = _conv(c_in, c_out)
+    conv = _conv(c_in, c_out, cls=cls)
     x = torch.randn(n, c_in, h, w).contiguous(memory_format=torch.channels_last)
     ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     with torch.no_grad():
         got = conv(x)
         direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
     assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
-    assert _relative_error(got, ref) < 3e-5  # float32 direct convolution: ~2e-6; Winograd F(4,3): ~1e-5
+    assert _relative_error(got, ref) < bound
     assert _relative_error(direct, ref) < 1e-5
     assert not torch.equal(got, direct)  # it did take the other path
+
+
+def test_the_f2_rule_needs_many_channels_and_pixels_where_its_kernels_are_made_per_call(monkeypatch):
+    # measured: 256 channels gain nothing; kernels over CACHE_KERNEL_BYTES (640 ch) are transformed on every call,
+    # which small maps (16 frames of 4x4) do not repay. A wrong rule runs the UNet's small convolutions slower.
+    monkeypatch.setattr(winograd, "ENABLED", True)
+    seen = []
+    original = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: seen.append((a[0].shape, a[3])) or original(*a))
+    cases = [((256, 256), (16, 4, 4), False), ((320, 320), (16, 2, 2), True),  # kept kernels: even tiny maps
+             ((640, 640), (16, 4, 4), False), ((640, 640), (16, 8, 8), True), ((320, 320), (1, 5, 6), False)]
+    with torch.no_grad():
+        for (c_in, c_out), (n, h, w), taken in cases:
+            conv = _conv(c_in, c_out, cls=WinogradF2Conv2d)
+            x = torch.randn(n, c_in, h, w).contiguous(memory_format=torch.channels_last)
+            got = conv(x)
+            assert bool(seen) == taken, (c_in, n, h, w)
+            ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+            assert _relative_error(got, ref) < 1e-5
+            if taken:
+                assert seen[0] == ((n, h, w, c_in), winograd.F2)
+            seen.clear()
 
 
 def test_without_bias_and_from_a_non_contiguous_view(forced):
@@ -180,3 +208,23 @@ def test_decoder_groups_frames_by_activation_size_with_the_same_frames(ours):
         hook.remove()
     assert sizes == [2, 2, 1]
     assert torch.allclose(grouped, whole, atol=1e-5)
+
+
+def test_the_unet_uses_f2_for_its_resnet_convolutions_and_matches_diffusers(forced, reference, ours):
+    # the UNet's resnet 3x3 convolutions through F(2x2, 3x3) (forced for the tiny model's 32-64 channels): the same
+    # output as diffusers' UNet3D to the parity tolerance. Catches F(4x4)'s matrices on this path or a wrong tile.
+    kinds = {name: type(m) for name, m in ours.unet.named_modules() if isinstance(m, nn.Conv2d)}
+    assert kinds["down_blocks.0.resnets.0.conv1"] is WinogradF2Conv2d
+    assert kinds["mid_block.resnets.1.conv2"] is WinogradF2Conv2d
+    assert kinds["conv_in"] is nn.Conv2d
+    torch.manual_seed(0)
+    sample = torch.randn(2, TINY_LATENT_CHANNELS, 4, 8, 8)
+    text = torch.randn(2, 77, reference.unet.config.cross_attention_dim)
+    seen = []
+    original = winograd.conv3x3
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(winograd, "conv3x3", lambda *a: seen.append(a[3]) or original(*a))
+        got = ours.unet(sample, torch.tensor(500), text)
+        ref = reference.unet(sample, torch.tensor(500), encoder_hidden_states=text).sample
+    assert seen and set(seen) == {winograd.F2}
+    assert (got - ref).abs().max().item() < 1e-5

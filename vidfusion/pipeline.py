@@ -43,8 +43,8 @@ from .unet3d import TemporalConvLayer, Transformer2D, TransformerTemporal
 from .vae import approximate_rgb
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
-# the repeated blocks that regional compilation compiles once each
 COMPILED_BLOCKS = (ResnetBlock, TemporalConvLayer, Transformer2D, TransformerTemporal, Upsample, Downsample)
+REGIONAL_RECOMPILE_LIMIT = 256  # graphs per compiled block class (dynamo's default, 8, failed cpu-unet's resnets)
 
 
 @dataclass
@@ -125,9 +125,7 @@ class TextToVideoPipeline:
             return self._offload.device
         return self.unet.conv_in.weight.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+    dtype = property(lambda self: self.unet.dtype, doc="The UNet's dtype.")
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
         """Keep models on the CPU and move each whole model to the accelerator while it runs."""
@@ -257,17 +255,18 @@ class TextToVideoPipeline:
 
     def compile(self, *, regional: bool = True, mode: str | None = None, backend: str = "inductor"
                 ) -> TextToVideoPipeline:
-        """Opt-in torch.compile of the UNet and the VAE decoder (the forward has no graph breaks). regional:
-        compile each repeated block class once and reuse it (compile time stays low; the first call of each new
-        shape compiles); otherwise the whole UNet forward as one full graph. mode="reduce-overhead" adds CUDA
-        graphs on GPU. Returns the pipeline."""
+        """Opt-in torch.compile of the UNet and the VAE decoder (no graph breaks). regional: each repeated block
+        (COMPILED_BLOCKS) compiled per shape and reused; otherwise the whole UNet forward as one full graph.
+        mode="reduce-overhead" adds CUDA graphs on GPU. Returns the pipeline."""
         if self._offload.mode == "sequential":
             raise ValueError("compile() does not combine with enable_sequential_cpu_offload(); use model offload")
-        if regional:
-            for model in (self.unet, self.vae.decoder):
-                for module in model.modules():
-                    if isinstance(module, COMPILED_BLOCKS):
-                        module.compile(fullgraph=True, mode=mode, backend=backend, dynamic=False)
+        if regional:  # a block class runs with many weight shapes (and video sizes): a graph for each, no failure
+            limits = torch._dynamo.config
+            limits.recompile_limit = max(limits.recompile_limit, REGIONAL_RECOMPILE_LIMIT)
+            limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 4 * REGIONAL_RECOMPILE_LIMIT)
+            for module in [*self.unet.modules(), *self.vae.decoder.modules()]:
+                if isinstance(module, COMPILED_BLOCKS):
+                    module.compile(fullgraph=True, mode=mode, backend=backend, dynamic=False)
         else:
             self.unet.compile(fullgraph=True, mode=mode, backend=backend, dynamic=False)
         return self

@@ -24,6 +24,7 @@ from .layers import (
     group_norm_silu,
     timestep_embedding,
 )
+from .winograd import WinogradF2Conv2d
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Block3D(nn.Module):
                 res_in = (prev_channels if i == 0 else out_channels) + skip_channels[i]
             else:
                 res_in = in_channels if i == 0 else out_channels
-            resnets.append(ResnetBlock(res_in, out_channels, temb_channels, groups, eps))
+            resnets.append(ResnetBlock(res_in, out_channels, temb_channels, groups, eps, conv3x3=WinogradF2Conv2d))
             temp_convs.append(TemporalConvLayer(out_channels, groups))
             if head_dim is not None:
                 heads = out_channels // head_dim
@@ -319,7 +320,8 @@ class MidBlock3D(nn.Module):
         super().__init__()
         groups, eps = cfg.norm_num_groups, cfg.norm_eps
         scale = cfg.mid_block_scale_factor
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, temb, groups, eps, scale) for _ in range(2)])
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, temb, groups, eps, scale, WinogradF2Conv2d)
+                                      for _ in range(2)])
         self.temp_convs = nn.ModuleList([TemporalConvLayer(channels, groups) for _ in range(2)])
         heads = channels // head_dim
         self.attentions = nn.ModuleList([Transformer2D(channels, heads, head_dim, cfg.cross_attention_dim, groups)])

@@ -210,3 +210,31 @@ def test_windows_free_init_and_loops(ours, monkeypatch):
     kwargs = dict(args, num_frames=4, window_size=4, loop=True)
     with pytest.raises(ValueError, match="does not combine with loop=True"):
         ours("x", height=32, width=32, **kwargs)
+
+
+def test_a_video_to_video_run_schedules_its_full_steps_over_the_steps_it_runs(ours, monkeypatch):
+    """strength 0.5 of 20 steps runs 10: the quadratic schedule packs its full steps over those 10 (0, 3, 5, 9 of
+    the run), not over the 20 of a whole generation (which put them at 0, 3, 6, 7 of the run)."""
+    import numpy as np
+
+    from vidfusion import VideoToVideoPipeline
+
+    v2v = VideoToVideoPipeline.from_pipe(ours)
+    evaluations, full = {"n": 0}, []
+    unet_forward, mid_forward = ours.unet.forward, ours.unet.mid_block.forward
+
+    def counted_unet(*args, **kw):
+        evaluations["n"] += 1
+        return unet_forward(*args, **kw)
+
+    def counted_mid(*args, **kw):
+        full.append(evaluations["n"] - 1)
+        return mid_forward(*args, **kw)
+
+    monkeypatch.setattr(ours.unet, "forward", counted_unet)
+    monkeypatch.setattr(ours.unet.mid_block, "forward", counted_mid)
+    video = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    v2v("x", video, strength=0.5, num_inference_steps=20, sampler="ddim", guidance_scale=1.0, cache="deepcache",
+        cache_interval=3, cache_schedule="quadratic", output_type="latent")
+    assert evaluations["n"] == 10
+    assert full == sorted(full_steps(CacheSettings("deepcache", 3, 0, "quadratic"), 10)) == [0, 3, 5, 9]

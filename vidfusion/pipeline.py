@@ -396,7 +396,7 @@ class TextToVideoPipeline:
             return self.unet(x_in.to(unet_dtype), t.to(device), ctx, guidance_cond, cache)
 
         guided = guidance_interval(plan.schedule, plan.guidance_interval)
-        net = CachedNetwork(plan.cache, plan.steps, network, reporter) if plan.cache else network
+        net = CachedNetwork(plan.cache, plan.steps - start, network, reporter) if plan.cache else network  # steps run
         model_fn = windowed(cfg_model(net, plan.guidance_scale, plan.cfg, guided), context,
                             plan.keyframes is not None, plan.num_frames, plan.window_size, plan.window_stride,
                             plan.loop)

@@ -208,3 +208,31 @@ def test_api_killed_with_kill_9_and_restarted_while_actors_run(cluster, tiny_che
     starts = collections.Counter(p for kind, _, p in log if kind == "start")
     assert done["before-kill"] == done["during-kill"] == done["queued-at-kill"] == done["during-stop"] == 1
     assert starts["during-kill"] == 2 and starts["before-kill"] == 1
+
+
+def test_every_job_lora_files_travel_to_the_actors_as_bytes(cluster, tiny_checkpoint, lora_dir, tmp_path):
+    """`--lora FILE` with Ray: actors (maybe on machines without that path) load the server's bytes. The file is
+    removed once the service runs and the actor killed: its replacement still applies the LoRA (an actor that
+    loaded the path fails to start), the videos are byte-identical and record the server's path of the file."""
+    import shutil
+
+    style = tmp_path / "style.safetensors"
+    shutil.copy(lora_dir / "motion-pan.safetensors", style)
+    srv = Server(tiny_checkpoint, tmp_path / "data", "--ray", "auto", "--workers", "1", "--cpus-per-worker", "1",
+                 "--lora", f"{style}:0.7").start(timeout=240)
+    try:
+        request = {**SMALL, "prompt": "every-job lora", "seed": 11}
+        before = same_request(srv, request)
+        style.unlink()
+        with srv.client() as c:
+            actor = c.get("/healthz").json()["workers"][0]["pid"]
+        os.kill(actor, signal.SIGKILL)
+        assert gone(actor)
+        after = same_request(srv, request)
+        with srv.client() as c:
+            assert c.get("/healthz").json()["workers"][0]["pid"] != actor
+    finally:
+        srv.stop()
+    assert after == before
+    (tmp_path / "after.mp4").write_bytes(after)
+    assert read_metadata(tmp_path / "after.mp4")["loras"] == [{"path": str(style), "weight": 0.7}]

@@ -11,12 +11,14 @@ machines join (one worker per GPU, or per machine / `cpus_per_worker` CPUs witho
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +34,43 @@ START_TIMEOUT = 600.0  # the first worker must load its pipeline within this (a 
 CONTROL = {"concurrency_group": "control"}  # poll / cancel answer while `run` holds the default group (size 1)
 
 
+@dataclass
+class LoraFiles:
+    """The server's LoRA files, sent to every actor (which may run on another machine): `--lora-dir` ones by name
+    -> (file name, path recorded in videos, bytes), and `--lora` files (every job; folders and hub ids load where
+    the actor runs) by the server's path -> bytes."""
+
+    named: dict[str, tuple[str, str, bytes]]
+    every_job: dict[str, bytes]
+
+
 class JobActor:
     """A Ray actor: one pipeline, one job at a time; `poll` and `cancel` answer while a job runs."""
 
-    def __init__(self, options: ModelOptions, named_loras: dict[str, tuple[str, str, bytes]],
-                 threads: int | None = None):
-        """named_loras: name -> (file name, path recorded in videos, bytes), written to a folder of this machine."""
+    def __init__(self, options: ModelOptions, lora_files: LoraFiles, threads: int | None = None):
+        """lora_files: the server's LoRA files as bytes (see LoraFiles), written to a folder of this machine; the
+        videos record the server's paths of them."""
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self._folder = tempfile.TemporaryDirectory(prefix="vidfusion-loras-")
+        folder = Path(self._folder.name)
         files = {}
-        for name, (file_name, recorded, data) in named_loras.items():
-            (Path(self._folder.name) / file_name).write_bytes(data)
-            files[name] = (str(Path(self._folder.name) / file_name), recorded)
-        self.runner = load_runner(options, None, files)
+        for name, (file_name, recorded, data) in lora_files.named.items():
+            (folder / file_name).write_bytes(data)
+            files[name] = (str(folder / file_name), recorded)
+        here = {}  # --lora path on the server -> its copy on this machine
+        for i, (path, data) in enumerate(lora_files.every_job.items()):
+            copy = folder / f"every-job-{i}" / Path(path).name  # one folder each: two files may share a name
+            copy.parent.mkdir()
+            copy.write_bytes(data)
+            here[path] = str(copy)
+        local = dataclasses.replace(options, loras=[(here.get(path, path), weight) for path, weight in options.loras])
+        self.runner = load_runner(local, None, files)
+        server_path = {copy: path for path, copy in here.items()}
+        for lora in self.runner.metadata.get("loras", []):  # videos record the server's path, as a local worker's do
+            lora["path"] = server_path.get(lora["path"], lora["path"])
         self._lock = threading.Lock()
         self._stop: set[str] = set()  # jobs to stop: a stop that arrives before its run starts is kept
         self._latest: dict[str, tuple[int, int, bytes | None]] = {}
@@ -95,8 +118,9 @@ class RayWorkers:
         self.store, self.address, self.options = store, address, options
         self.fixed = workers
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
-        self.named_loras = {name: (path.name, str(path), path.read_bytes()) for name, path in
-                            (named_loras or {}).items()}
+        self.lora_files = LoraFiles(
+            {name: (path.name, str(path), path.read_bytes()) for name, path in (named_loras or {}).items()},
+            {path: Path(path).read_bytes() for path, _ in options.loras if Path(path).is_file()})
         self.name = f"ray:{address}"
         self._stop = threading.Event()
         self._slots: list[_Slot] = []
@@ -110,8 +134,8 @@ class RayWorkers:
         Raises RuntimeError when it cannot start (the cause, or no room for it within `timeout` seconds)."""
         ray = self._ray = connect(self.address)
         self._actor_class = ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups={"control": 2})(JobActor)
-        self._lora_ref = ray.put(self.named_loras)
-        self.named_loras = {}  # the object store holds them now
+        self._lora_ref = ray.put(self.lora_files)
+        self.lora_files = LoraFiles({}, {})  # the object store holds them now
         first = _Slot(self, 0)
         info = first.start_actor(timeout)
         if info is None:

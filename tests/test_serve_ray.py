@@ -236,3 +236,48 @@ def test_every_job_lora_files_travel_to_the_actors_as_bytes(cluster, tiny_checkp
     assert after == before
     (tmp_path / "after.mp4").write_bytes(after)
     assert read_metadata(tmp_path / "after.mp4")["loras"] == [{"path": str(style), "weight": 0.7}]
+
+
+class _FlakyRay:
+    """Enough of the `ray` module for _Slot._follow: the job's call finishes after `finish_after` polls; polls
+    raise ActorUnavailableError while `unreachable(poll number)` says so."""
+
+    def __init__(self, finish_after: int, unreachable):
+        import ray
+
+        self.exceptions, self.polls, self.finish_after, self.unreachable = ray.exceptions, 0, finish_after, unreachable
+
+    def wait(self, refs, timeout=None):
+        return (refs, []) if self.polls >= self.finish_after else ([], refs)
+
+    def get(self, ref):
+        self.polls += 1
+        if self.unreachable(self.polls):
+            raise self.exceptions.ActorUnavailableError("unreachable", None)
+        return None
+
+
+def _follow_with(ray_module) -> None:
+    from types import SimpleNamespace
+
+    from vidfusion.serve.jobs import RUNNING
+    from vidfusion.serve.ray_workers import _Slot
+
+    poll = SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=lambda *a: "poll"))
+    store = SimpleNamespace(status_of=lambda job_id: RUNNING)
+    slot = _Slot(SimpleNamespace(_ray=ray_module, store=store, stopping=False), 0)
+    slot._follow(SimpleNamespace(poll=poll), "job", "run-ref")
+
+
+def test_an_actor_unreachable_for_a_moment_keeps_its_job(monkeypatch):
+    """ActorUnavailableError (a network blip, a busy node) is not a death: following the job goes on through a
+    few unreachable polls (a pool that took it for a death killed the actor and ran the job again elsewhere); past
+    UNREACHABLE_GRACE it is a loss, as an ActorDiedError is."""
+    from vidfusion.serve import ray_workers
+
+    _follow_with(_FlakyRay(finish_after=6, unreachable=lambda n: 2 <= n <= 4))  # returns: the job stays here
+    monkeypatch.setattr(ray_workers, "UNREACHABLE_GRACE", 0.0)
+    import ray
+
+    with pytest.raises(ray.exceptions.ActorUnavailableError):
+        _follow_with(_FlakyRay(finish_after=1000, unreachable=lambda n: n >= 2))

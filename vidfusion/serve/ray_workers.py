@@ -29,6 +29,7 @@ from .worker import complete, error_line, read_inputs, record_step
 
 log = logging.getLogger("vidfusion.serve")
 POLL_SECONDS = 0.2
+UNREACHABLE_GRACE = 30.0  # seconds an actor may be unreachable (ActorUnavailableError) before it counts as lost
 GROW_SECONDS = 10.0
 START_TIMEOUT = 600.0  # the first worker must load its pipeline within this (a cluster without room never does)
 CONTROL = {"concurrency_group": "control"}  # poll / cancel answer while `run` holds the default group (size 1)
@@ -313,11 +314,20 @@ class _Slot(threading.Thread):
         """Until the job's call returns: step reports to the store; a stop (cancelled, server stopping) to the
         actor with every poll."""
         ray, store = self.pool._ray, self.pool.store
-        running = True
+        running, unreachable_since = True, None
         while True:
             done = ray.wait([ref], timeout=POLL_SECONDS)[0]
             stop = not running or self.pool.stopping
-            latest = ray.get(actor.poll.options(**CONTROL).remote(job_id, stop))
+            try:
+                latest = ray.get(actor.poll.options(**CONTROL).remote(job_id, stop))
+            except ray.exceptions.ActorUnavailableError:  # a network blip or a busy node: not a death (yet)
+                if done:  # its result is here: run_job reads it
+                    return
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > UNREACHABLE_GRACE:
+                    raise
+                continue
+            unreachable_since = None
             if latest is not None:
                 running = record_step(store, job_id, *latest) and running
             elif running:

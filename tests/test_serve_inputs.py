@@ -225,6 +225,31 @@ def test_upload_retry_with_its_key_is_the_same_job_and_refused_uploads_leave_no_
         wait_for(c, first.json()["id"])
 
 
+def test_a_refused_upload_never_removes_a_file_that_another_request_holds_or_a_job_names(tmp_path):
+    """Two requests with the same content share one input file. The one refused must not remove it while the other
+    is in flight (it checked that the file exists and is about to submit its job), nor once a job names it; the
+    last refused holder of an unnamed file removes it (a refused request leaves nothing behind)."""
+    store = JobStore(tmp_path)
+    data = b"the same uploaded bytes"
+    path, new = store.hold_input(data, ".mp4")  # request A stores the file
+    assert new
+    path.write_bytes(data)
+    again, new_again = store.hold_input(data, ".mp4")  # request B: same content, same file, already there
+    assert again == path and not new_again
+    store.release_input(path, refused=True)  # A refused while B is in flight
+    assert path.exists()
+    store.release_input(path, refused=True)  # B refused too: nobody holds it, no job names it
+    assert not path.exists()
+    path, _ = store.hold_input(data, ".mp4")
+    path.write_bytes(data)
+    job_path, _ = store.hold_input(data, ".mp4")
+    store.submit({"prompt": "named", "init_video": str(job_path)})  # B's job names the file, then B lets go
+    store.release_input(job_path, refused=False)
+    store.release_input(path, refused=True)  # A refused after B's job was accepted
+    assert path.exists()
+    store.close()
+
+
 def test_lora_dir_names_must_differ_from_every_job_adapters():
     check_lora_names(["style"], [("/loras/motion.safetensors", 1.0)], turbo=False)
     with pytest.raises(ValueError, match="'motion'.*rename the file"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import io
 import ipaddress
@@ -198,16 +197,9 @@ def _check_upload_size(size: int, field: str, max_mb: float) -> None:
                                  "(--max-upload-mb)")
 
 
-def _input_path(folder: Path, data: bytes, suffix: str) -> tuple[Path, bool]:
-    """Where an uploaded file is kept: named by its content, so the same upload sent again (a retry with its
-    Idempotency-Key) is the same file; whether it is new."""
-    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
-    return path, not path.exists()
-
-
-def store_picture(data: bytes, field: str, folder: Path, max_mb: float) -> tuple[str, bool]:
+def store_picture(data: bytes, field: str, store: JobStore, max_mb: float, held: list[str]) -> str:
     """An uploaded picture checked (size: 413, not an image: 422 naming the field) and kept as PNG in the job
-    inputs folder; (its path, whether this upload created it)."""
+    inputs folder, held for the request (JobStore.hold_input; its path added to `held`); its path."""
     from PIL import Image, UnidentifiedImageError
 
     _check_upload_size(len(data), field, max_mb)
@@ -215,28 +207,29 @@ def store_picture(data: bytes, field: str, folder: Path, max_mb: float) -> tuple
         picture = Image.open(io.BytesIO(data)).convert("RGB")
     except (UnidentifiedImageError, OSError):
         raise _field_error(field, f"{field} is not an image (PNG, JPEG, WebP, ...)") from None
-    path, new = _input_path(folder, data, ".png")
+    path, new = store.hold_input(data, ".png")
+    held.append(str(path))
     if new:
         with atomic_file(path, suffix=".png") as tmp:
             picture.save(tmp, format="PNG")
-    return str(path), new
+    return str(path)
 
 
-def store_video(data: bytes, filename: str, folder: Path, max_mb: float) -> tuple[SourceVideo, bool]:
-    """An uploaded video checked (size: 413; not a video, or undecodable: 422) and kept as uploaded in the job
-    inputs folder, so a re-run after a crash uses the same bytes; (it, whether this upload created the file)."""
+def store_video(data: bytes, filename: str, store: JobStore, max_mb: float, held: list[str]) -> SourceVideo:
+    """An uploaded video kept as uploaded in the job inputs folder (so a re-run after a crash uses the same bytes),
+    held for the request (JobStore.hold_input; its path added to `held`), then checked (size: 413; not a video,
+    or undecodable: 422)."""
     _check_upload_size(len(data), "video", max_mb)
     suffix = Path(filename or "").suffix.lower()
-    path, new = _input_path(folder, data, suffix if suffix in VIDEO_SUFFIXES else ".mp4")
+    path, new = store.hold_input(data, suffix if suffix in VIDEO_SUFFIXES else ".mp4")
+    held.append(str(path))
     if new:
         write_bytes(path, data)
     try:
         frames, height, width, fps = probe_video(path)
     except ValueError:
-        if new:
-            path.unlink(missing_ok=True)
         raise _field_error("video", "video is not a video file ffmpeg can decode (mp4, webm, gif, mov, ...)") from None
-    return SourceVideo(str(path), frames, height, width, fps), new
+    return SourceVideo(str(path), frames, height, width, fps)
 
 
 async def _job_events(store: JobStore, job_id: str, request: Request) -> AsyncIterator[str]:
@@ -293,7 +286,8 @@ def _add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings) 
             body = VideoRequest.model_validate_json(form.get("params") or "{}")
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-        created: list[str] = []
+        held: list[str] = []  # input files this request holds (JobStore.hold_input)
+        refused = True
         try:
             files = {}
             for name in ("video", "image", "last_image"):
@@ -303,19 +297,16 @@ def _add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings) 
                     files[name] = (await upload.read(), upload.filename)
             source = None
             if "video" in files:
-                source, new = await run_in_threadpool(store_video, *files.pop("video"), store.input_dir,
-                                                      settings.max_upload_mb)
-                created += [source.path] if new else []
+                source = await run_in_threadpool(store_video, *files.pop("video"), store, settings.max_upload_mb, held)
             params = video_params(body, settings, source)
             for name, (data, _) in files.items():
-                params[name], new = await run_in_threadpool(store_picture, data, name, store.input_dir,
-                                                            settings.max_upload_mb)
-                created += [params[name]] if new else []
+                params[name] = await run_in_threadpool(store_picture, data, name, store, settings.max_upload_mb,
+                                                       held)
             job = _submit(store, params, idempotency_key, settings)
-        except BaseException:
-            for path in created:  # nothing of a refused request stays behind
-                Path(path).unlink(missing_ok=True)
-            raise
+            refused = False
+        finally:
+            for path in held:
+                store.release_input(path, refused)
         return job
 
 

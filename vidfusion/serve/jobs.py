@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -83,6 +84,7 @@ class JobStore:
         self.input_dir = self.data_dir / "inputs"  # uploaded pictures and videos, kept with their jobs
         self.input_dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # input file -> requests in flight that use it
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -93,6 +95,28 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def hold_input(self, data: bytes, suffix: str) -> tuple[Path, bool]:
+        """The inputs-folder file for uploaded `data` (named by its content: a retried upload, or the same file sent
+        twice, is one file), held by the calling request until release_input; (path, whether it must be written).
+        Held before the existence check, so a refused request beside this one cannot remove it in between."""
+        path = self.input_dir / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+        with self._lock:
+            self._held[str(path)] = self._held.get(str(path), 0) + 1
+            return path, not path.exists()
+
+    def release_input(self, path: str | Path, refused: bool) -> None:
+        """The request is done with the file; a refused one removes it unless another request in flight holds it or
+        a job names it (nothing of a refused request stays behind, nothing of an accepted one goes)."""
+        key = str(path)
+        with self._lock:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+            named = self._db.execute("SELECT 1 FROM jobs WHERE instr(params, ?) > 0 LIMIT 1",
+                                     (json.dumps(key)[1:-1],)).fetchone()
+            if refused and key not in self._held and named is None:
+                Path(key).unlink(missing_ok=True)
 
     def _notify(self) -> None:
         with self.changed:

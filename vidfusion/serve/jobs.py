@@ -113,10 +113,14 @@ class JobStore:
             self._held[key] -= 1
             if not self._held[key]:
                 del self._held[key]
-            named = self._db.execute("SELECT 1 FROM jobs WHERE instr(params, ?) > 0 LIMIT 1",
-                                     (json.dumps(key)[1:-1],)).fetchone()
-            if refused and key not in self._held and named is None:
+            if refused and key not in self._held and not self._names_input(key):
                 Path(key).unlink(missing_ok=True)
+
+    def _names_input(self, path: str) -> bool:
+        """Whether a job's params name this input file (called with the lock held)."""
+        quoted = json.dumps(path)[1:-1]  # as it appears inside the params JSON
+        row = self._db.execute("SELECT 1 FROM jobs WHERE instr(params, ?) > 0 LIMIT 1", (quoted,)).fetchone()
+        return row is not None
 
     def _notify(self) -> None:
         with self.changed:

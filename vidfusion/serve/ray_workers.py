@@ -25,7 +25,7 @@ from typing import Any
 from ..ray_cluster import connect
 from .jobs import FAILED, RUNNING, JobStore
 from .render import JobCancelled, ModelOptions, load_runner
-from .worker import complete, error_line, read_inputs, record_step
+from .worker import complete, error_line, read_inputs, record_step, run_next_job
 
 log = logging.getLogger("vidfusion.serve")
 POLL_SECONDS = 0.2
@@ -270,14 +270,7 @@ class _Slot(threading.Thread):
                 if self.actor is None and self.start_actor() is None:
                     pool._stop.wait(5.0)  # cannot load (or no room yet): try again later
                     continue
-                job = store.claim_or_wait()
-                if job is None:
-                    continue
-                self.job = job.id
-                try:
-                    self.run_job(job.id, job.params)
-                finally:
-                    self.job = None
+                run_next_job(store, self)
             except Exception:  # the store or the cluster failed: log, wait, go on
                 log.exception("Ray worker %d: unexpected error", self.index)
                 pool._stop.wait(1.0)

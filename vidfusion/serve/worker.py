@@ -47,6 +47,19 @@ def complete(store: JobStore, job_id: str, result: JobResult) -> None:
     log.info("job %s: succeeded", job_id)
 
 
+def run_next_job(store: JobStore, worker: Any) -> None:
+    """Claim the next queued job (or wait a moment for one) and run it with `worker.run_job`, its id in
+    `worker.job` meanwhile: one step of the loop of a local worker and of a Ray actor slot."""
+    job = store.claim_or_wait()
+    if job is None:
+        return
+    worker.job = job.id
+    try:
+        worker.run_job(job.id, job.params)
+    finally:
+        worker.job = None
+
+
 class Worker(threading.Thread):
     """Takes queued jobs in order and runs them on a pipeline loaded in this process."""
 
@@ -68,14 +81,7 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            job = self.store.claim_or_wait()
-            if job is None:
-                continue
-            self.job = job.id
-            try:
-                self.run_job(job.id, job.params)
-            finally:
-                self.job = None
+            run_next_job(self.store, self)
 
     def run_job(self, job_id: str, params: dict[str, Any]) -> None:
         """One job on this worker's pipeline, to its outcome in the store (a failure never kills the worker)."""

@@ -68,7 +68,7 @@ def make_checkpoint(case: str, folder: Path) -> None:
     """Random weights written by diffusers in the published layout (vidfusion's init-random for full shapes)."""
     spec = CASES[case]
     if spec["vae"] is None:
-        from vidfusion.random_checkpoint import write_random_checkpoint
+        from vidfusion.checkpoints.random_checkpoint import write_random_checkpoint
 
         write_random_checkpoint(folder, "full", fp16_variant=False)
         return
@@ -76,7 +76,7 @@ def make_checkpoint(case: str, folder: Path) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from vidfusion.random_checkpoint import PUBLISHED_SCHEDULER, write_clip_tokenizer
+    from vidfusion.checkpoints.random_checkpoint import PUBLISHED_SCHEDULER, write_clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet3DConditionModel(**spec["unet"])
@@ -121,12 +121,12 @@ def unet_tflops(lib: str, pipe, spec: dict, device: str, repeats: int) -> dict:
 
     with torch.no_grad():
         forward()
-        import vidfusion.layers
+        from vidfusion.models import layers
 
-        onednn, vidfusion.layers.ONEDNN = vidfusion.layers.ONEDNN, False  # count through F.linear (same FLOPs)
+        onednn, layers.ONEDNN = layers.ONEDNN, False  # count through F.linear (same FLOPs)
         with FlopCounterMode(display=False) as counter:
             forward()
-        vidfusion.layers.ONEDNN = onednn
+        layers.ONEDNN = onednn
         flops = counter.get_total_flops()
         times = []
         for _ in range(repeats):

@@ -32,7 +32,7 @@ CONFIGS = {  # size of one video: frames, height, width
 
 
 def make_checkpoint(config: str, folder: Path) -> Path:
-    from vidfusion.random_checkpoint import write_random_checkpoint
+    from vidfusion.checkpoints.random_checkpoint import write_random_checkpoint
 
     if config == "cpu-small":
         from bench import make_checkpoint as make_small
@@ -45,7 +45,7 @@ def make_checkpoint(config: str, folder: Path) -> Path:
 
 def make_turbo_lora(pipe, path: Path, rank: int = 32, guidance_dim: int = 256) -> Path:
     """A T2V-Turbo-shaped unet_lora.pt for this UNet: [up, down] for every Linear / Conv of the whole UNet."""
-    from vidfusion.lora import list_candidates
+    from vidfusion.lora.apply import list_candidates
 
     g = torch.Generator().manual_seed(0)
     flat = []
@@ -90,7 +90,7 @@ def bench_turbo(pipe, size: dict, repeats: int, folder: Path, baseline: bool = T
 def bench_overhead(pipe, size: dict, repeats: int, folder: Path) -> dict:
     """One UNet CFG step (the unit the 10% budget is about) without adapters, with two switchable adapters active,
     and fused; and what a switch (set_adapters) costs."""
-    from vidfusion.lora import list_candidates
+    from vidfusion.lora.apply import list_candidates
 
     latents = torch.randn(2, 4, size["frames"], size["height"] // 8, size["width"] // 8)
     text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
@@ -138,12 +138,12 @@ def _fingerprints(model: torch.nn.Module) -> dict[str, str]:
 def bench_merge(config: str, dtype: torch.dtype, folder: Path) -> dict:
     """T2V-Turbo's LoRA (575 layers, rank 32) on a UNet of `config` built in memory (no checkpoint on disk): reading
     the file and merging it (pipe.load_lora_weights' work), a weight change (set_adapters), an exact unload."""
-    from vidfusion.adapters import LoraAdapters
-    from vidfusion.config import PRESETS
-    from vidfusion.loading import build_unet
-    from vidfusion.lora_formats import read_lora_file
-    from vidfusion.random_checkpoint import _randomize
-    from vidfusion.unet3d import UNet3D
+    from vidfusion.checkpoints.loading import build_unet
+    from vidfusion.checkpoints.random_checkpoint import _randomize
+    from vidfusion.lora.adapters import LoraAdapters
+    from vidfusion.lora.formats import read_lora_file
+    from vidfusion.models.config import PRESETS
+    from vidfusion.models.unet3d import UNet3D
 
     cfg = PRESETS[config][0]
     with torch.device("meta"):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 def run_mode(rows: Path, out: Path, model: Path, extra: list[str]) -> dict:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "batch", str(rows), "--out-dir", str(out),
+    result = subprocess.run([sys.executable, "-m", "vidfusion", "batch", str(rows), "--out-dir", str(out),
                              "--model", str(model), "--quiet", *extra], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode != 0:
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
 
-    from vidfusion.random_checkpoint import write_random_checkpoint
+    from vidfusion.checkpoints.random_checkpoint import write_random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

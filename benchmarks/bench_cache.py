@@ -43,11 +43,11 @@ def main() -> None:
 
     from bench import cpu_name
 
-    from vidfusion.config import PRESETS
-    from vidfusion.loading import build_unet
-    from vidfusion.random_checkpoint import _randomize
-    from vidfusion.step_cache import CacheSettings, full_steps
-    from vidfusion.unet3d import FeatureCache, UNet3D
+    from vidfusion.checkpoints.loading import build_unet
+    from vidfusion.checkpoints.random_checkpoint import _randomize
+    from vidfusion.models.config import PRESETS
+    from vidfusion.models.unet3d import FeatureCache, UNet3D
+    from vidfusion.sampling.step_cache import CacheSettings, full_steps
 
     torch.set_flush_denormal(True)
     dtype = getattr(torch, args.dtype)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def clip(pipe, out: Path, **kwargs) -> float:
-    from vidfusion.video_io import export_to_video
+    from vidfusion.media.video_io import export_to_video
 
     start = time.perf_counter()
     frames = pipe("a cat is surfing", generator=torch.Generator().manual_seed(0), num_frames=16, height=256,
@@ -42,7 +42,7 @@ def main() -> None:
     from diffusers import AutoencoderTiny
 
     from vidfusion import TextToVideoPipeline
-    from vidfusion.random_checkpoint import write_random_checkpoint
+    from vidfusion.checkpoints.random_checkpoint import write_random_checkpoint
 
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,7 @@ def run_mode(model: Path, data: Path, extra: list[str], jobs: list[dict]) -> flo
     """Seconds from the first submit to the last finished job."""
     port = free_port()
     log = open(data.parent / f"{data.name}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vidfusion.cli", "serve", "--model", str(model), "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "vidfusion", "serve", "--model", str(model), "--data-dir",
                              str(data), "--port", str(port), "--log-level", "warning", "--max-queue", "1000", *extra],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
 
-    from vidfusion.random_checkpoint import write_random_checkpoint
+    from vidfusion.checkpoints.random_checkpoint import write_random_checkpoint
 
     cores = os.cpu_count() or 2
     jobs = [{"prompt": f"prompt number {i}", "num_frames": args.frames, "height": args.size, "width": args.size,

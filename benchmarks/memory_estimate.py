@@ -21,10 +21,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vidfusion.config import FULL_TEXT_ENCODER, FULL_UNET, FULL_VAE
-from vidfusion.layers import fuse_upsample_convs
-from vidfusion.unet3d import UNet3D
-from vidfusion.vae import AutoencoderKL
+from vidfusion.models.config import FULL_TEXT_ENCODER, FULL_UNET, FULL_VAE
+from vidfusion.models.layers import fuse_upsample_convs
+from vidfusion.models.unet3d import UNet3D
+from vidfusion.models.vae import AutoencoderKL
 
 GIB = 2**30
 
@@ -119,7 +119,7 @@ def estimate_training(frames: int, height: int, width: int, dtype: torch.dtype, 
     encoder are not resident during the loop)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from vidfusion.train import TARGETS
+    from vidfusion.training.train import TARGETS
 
     with torch.device("meta"):
         unet = UNet3D(FULL_UNET).to(dtype)

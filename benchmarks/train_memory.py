@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from vidfusion import export_to_video
-    from vidfusion.random_checkpoint import write_random_checkpoint
-    from vidfusion.train import train_lora
+    from vidfusion.checkpoints.random_checkpoint import write_random_checkpoint
+    from vidfusion.training.train import train_lora
 
     folder = Path(args.checkpoint)
     if not (folder / "model_index.json").exists():

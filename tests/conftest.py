@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidfusion import config
-from vidfusion.random_checkpoint import PUBLISHED_SCHEDULER, write_clip_tokenizer
+from vidfusion.checkpoints.random_checkpoint import PUBLISHED_SCHEDULER, write_clip_tokenizer
+from vidfusion.models import config
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -24,7 +24,7 @@ def _diffusers_kwargs(cfg, cls) -> dict:
 
 
 def _tiny_kwargs():
-    """The tiny preset of vidfusion.config (the one definition of the tiny shapes), as diffusers / transformers
+    """The tiny preset of vidfusion.models.config (the one definition of the tiny shapes), as diffusers / transformers
     arguments; the test UNet uses 8-dimensional heads (4 in the preset) so both head layouts are exercised."""
     from diffusers import AutoencoderKL, UNet3DConditionModel
 

@@ -33,7 +33,7 @@ class Server:
 
     def start(self, timeout: float = 120) -> Server:
         env = {**os.environ, **self.env, "VIDFUSION_TOKEN": self.token or ""}
-        cmd = [sys.executable, "-m", "vidfusion.cli", "serve", "--model", str(self.checkpoint), "--data-dir",
+        cmd = [sys.executable, "-m", "vidfusion", "serve", "--model", str(self.checkpoint), "--data-dir",
                str(self.data_dir), "--port", str(self.port), "--log-level", "warning", *self.args]
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

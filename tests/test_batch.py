@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from vidfusion import TextToVideoPipeline
-from vidfusion.batch import BatchInputError, read_rows, run
-from vidfusion.video_io import export_to_video, read_metadata, read_video
+from vidfusion.media.video_io import export_to_video, read_metadata, read_video
+from vidfusion.scale.batch import BatchInputError, read_rows, run
 
 SMALL = {"num_frames": 2, "height": 32, "width": 32, "num_inference_steps": 2}
 ROWS = [
@@ -92,7 +92,7 @@ def test_csv_input(tmp_path):
 
 
 def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "vidfusion.cli", "batch", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vidfusion", "batch", *args], capture_output=True, text=True,
                           timeout=600, **kwargs)
 
 
@@ -119,7 +119,7 @@ def test_resume_after_kill_9_of_the_driver(tiny_checkpoint, tmp_path):
     rows.write_text("\n".join(json.dumps({"id": f"r{i}", "prompt": f"clip {i}", "num_frames": 4, "height": 64,
                                           "width": 64, "num_inference_steps": 15}) for i in range(6)) + "\n")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "vidfusion.cli", "batch", str(rows), "--out-dir", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "vidfusion", "batch", str(rows), "--out-dir", str(out),
                              "--model", str(tiny_checkpoint), "--quiet"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from vidfusion import batch
-from vidfusion.batch import RowRenderer, run
+from vidfusion.scale import batch
+from vidfusion.scale.batch import RowRenderer, run
 
 from .test_batch import ROWS, manifest
 

@@ -11,7 +11,7 @@ import pytest
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vidfusion.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "vidfusion", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600)
 
 
@@ -181,6 +181,6 @@ def test_default_name_never_replaces_a_file_and_the_seed_is_printed(tiny_checkpo
     assert first.returncode == second.returncode == 0, second.stderr
     assert first.stdout.strip() == "a-dog.mp4" and second.stdout.strip() == "a-dog-1.mp4"
     assert "seed 3" in first.stderr and "seed 4" in second.stderr
-    from vidfusion.video_io import read_metadata
+    from vidfusion.media.video_io import read_metadata
 
     assert read_metadata(tmp_path / "a-dog.mp4")["seed"] == 3 and read_metadata(tmp_path / "a-dog-1.mp4")["seed"] == 4

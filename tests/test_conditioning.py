@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from vidfusion.sampling import start_state
-from vidfusion.schedules import NoiseSchedule, sampler_options
+from vidfusion.sampling.samplers import start_state
+from vidfusion.sampling.schedules import NoiseSchedule, sampler_options
 
 PICTURE = (np.random.default_rng(3).random((16, 16, 3)) * 255).astype(np.uint8)
 ARGS = dict(prompt="a red car", num_frames=4, height=16, width=16, num_inference_steps=3, output_type="latent")
@@ -44,7 +44,7 @@ def test_conditioned_latents_follow_the_noised_picture(ours, sampler):
     assert torch.allclose(out[:, :, 0], z, atol=1e-5) and torch.allclose(out[:, :, -1], z_last, atol=1e-5)
     base, preset = _base(sampler)
     schedule = NoiseSchedule.create(sampler_options(base, dict(ours.scheduler.config), preset), 3)
-    from vidfusion.conditioning import _own_noise
+    from vidfusion.pipelines.conditioning import _own_noise
 
     noise = _own_noise((1, 4, 4, 8, 8), gen(), torch.device("cpu"))
     for step, latents in enumerate(seen[:-1]):
@@ -54,7 +54,7 @@ def test_conditioned_latents_follow_the_noised_picture(ours, sampler):
 
 
 def _base(sampler):
-    from vidfusion.schedules import resolve_sampler
+    from vidfusion.sampling.schedules import resolve_sampler
 
     base, preset = resolve_sampler(sampler)
     return base, preset
@@ -76,8 +76,8 @@ def test_extend_joins_the_new_frames_after_the_input(ours, tiny_checkpoint, tmp_
     """The output is the input followed by the new clip minus its first `overlap` frames, and that clip is the one
     conditioned on the input's last frames (catches an off-by-overlap join or an unconditioned continuation)."""
     from vidfusion import export_to_video
-    from vidfusion.conditioning import extend
-    from vidfusion.video_io import read_video
+    from vidfusion.media.video_io import read_video
+    from vidfusion.pipelines.conditioning import extend
 
     source = np.random.default_rng(5).random((8, 16, 16, 3)).astype(np.float32)
     path = export_to_video(source, tmp_path / "in.mp4", fps=6)
@@ -89,17 +89,17 @@ def test_extend_joins_the_new_frames_after_the_input(ours, tiny_checkpoint, tmp_
     direct = ours("a red car", num_frames=6, height=16, width=16, num_inference_steps=2, generator=gen(1),
                   images={0: decoded[6], 1: decoded[7]}).frames[0]
     assert np.array_equal(frames[8:], direct[2:])
-    from vidfusion import cli
+    from vidfusion.cli.main import main as cli_main
 
     out = tmp_path / "more.mp4"
-    assert cli.main(["extend", str(path), "a red car", "--model", str(tiny_checkpoint), "--frames", "6",
+    assert cli_main(["extend", str(path), "a red car", "--model", str(tiny_checkpoint), "--frames", "6",
                      "--overlap", "2", "--steps", "2", "--seed", "1", "--out", str(out), "--quiet"]) == 0
     assert len(read_video(out)) == 12
     image_out = tmp_path / "img.mp4"
-    assert cli.main(["generate", "a red car", "--model", str(tiny_checkpoint), "--frames", "4", "--steps", "2",
+    assert cli_main(["generate", "a red car", "--model", str(tiny_checkpoint), "--frames", "4", "--steps", "2",
                      "--height", "16", "--width", "16", "--image", str(_png(tmp_path)), "--out", str(image_out),
                      "--quiet"]) == 0
-    from vidfusion.video_io import read_metadata
+    from vidfusion.media.video_io import read_metadata
 
     assert read_metadata(image_out)["image"] == str(_png(tmp_path))
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vidfusion.long_video import frame_windows, keyframe_weights
-from vidfusion.noise import free_init_filter, initial_noise
+from vidfusion.pipelines.long_video import frame_windows, keyframe_weights
+from vidfusion.sampling.noise import free_init_filter, initial_noise
 
 from .test_parity import assert_latents_close, run_reference
 
@@ -141,7 +141,7 @@ def test_long_clips_window_at_the_checkpoint_training_length(tiny_checkpoint, tm
     """ModelScope trained on 16 frames, Zeroscope v2 on 24: a 32-frame clip runs windows of that length (catches one
     window size for every checkpoint); the diffusers-named class keeps all frames at once."""
     from vidfusion import TextToVideoPipeline, TextToVideoSDPipeline
-    from vidfusion.loading import training_frames
+    from vidfusion.checkpoints.loading import training_frames
 
     assert training_frames("cerspense/zeroscope_v2_576w", tmp_path) == 24
     assert training_frames("/models/original", tmp_path / "zs2_XL") == 24
@@ -238,7 +238,7 @@ def test_free_init(ours):
                                    free_init_filter="ideal",
                                    callback=lambda i, t, x: (steps.append(i), results.append(x.clone())))
     assert steps == list(range(6))
-    from vidfusion.schedules import alphas_cumprod
+    from vidfusion.sampling.schedules import alphas_cumprod
 
     a_t = alphas_cumprod(ours.scheduler.options)[-1]
     start_noise, restart = inputs[0], inputs[3]  # DDIM's first input is the noise itself (init sigma 1)
@@ -335,7 +335,7 @@ def test_guidance_interval_runs_cfg_only_inside_it(ours):
         out = ours(generator=gen(), output_type="latent", guidance_interval=(1.0, 10.0), **args).frames
     finally:
         hook.remove()
-    from vidfusion.schedules import NoiseSchedule, sampler_options
+    from vidfusion.sampling.schedules import NoiseSchedule, sampler_options
 
     schedule = NoiseSchedule.create(sampler_options("dpmpp-2m", dict(ours.scheduler.config)), 6)
     inside = [1.0 <= schedule.sigma_at(t) <= 10.0 for _, t in calls]

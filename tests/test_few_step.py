@@ -150,7 +150,7 @@ def turbo_reference(unet, reference, steps, guidance, seed=0):
 
 
 def test_turbo_timesteps():
-    from vidfusion.schedules import SAMPLER_OPTIONS, consistency_timesteps
+    from vidfusion.sampling.schedules import SAMPLER_OPTIONS, consistency_timesteps
 
     assert consistency_timesteps(SAMPLER_OPTIONS["t2v-turbo"], 4, "t2v-turbo").tolist() == [999, 759, 519, 279]
     for n in range(1, 9):
@@ -218,7 +218,7 @@ def offline_hub_cache(root, lora_path):
 def test_cli_turbo_and_lora(tiny_checkpoint, turbo, tmp_path):
     env = offline_hub_cache(tmp_path / "hub", turbo[0])
     out = tmp_path / "t.mp4"
-    cmd = [sys.executable, "-m", "vidfusion.cli", "generate", "a cat", "--model", str(tiny_checkpoint), "--frames",
+    cmd = [sys.executable, "-m", "vidfusion", "generate", "a cat", "--model", str(tiny_checkpoint), "--frames",
            "3", "--height", "32", "--width", "32", "--seed", "0", "--out", str(out), "--turbo"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ import stat
 import numpy as np
 import pytest
 
-from vidfusion.fileio import TEMP_PREFIX, atomic_file, atomic_folder, remove_temp_files
+from vidfusion.media.fileio import TEMP_PREFIX, atomic_file, atomic_folder, remove_temp_files
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_failure_inside_leaves_no_file_and_no_temp(tmp_path):
 
 def test_cleanup_removes_only_vidfusions_own_temp_names(tmp_path):
     """Catches `batch --out-dir .` deleting the user's hidden .*.mp4 / .*.tmp files."""
-    from vidfusion.batch import OutputDir
+    from vidfusion.scale.batch import OutputDir
 
     mine = [tmp_path / f"{TEMP_PREFIX}a.mp4.x1.mp4", tmp_path / f"{TEMP_PREFIX}manifest.jsonl.x2.tmp"]
     theirs = [tmp_path / ".holiday.mp4", tmp_path / ".notes.tmp", tmp_path / ".cache.gif"]

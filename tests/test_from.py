@@ -1,5 +1,5 @@
 """Every video the CLI writes records exactly what ran, and `generate --from FILE` remakes it bit for bit, for each
-kind of generation (in-process `cli.main`, so the cases stay fast; test_cli covers the subprocess path)."""
+kind of generation (in-process `cli.main.main`, so the cases stay fast; test_cli covers the subprocess path)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vidfusion import cli, export_to_video
-from vidfusion.video_io import read_metadata
+from vidfusion import export_to_video
+from vidfusion.cli.main import main as cli_main
+from vidfusion.media.video_io import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_from_remakes_the_same_file(kind, tiny_checkpoint, inputs, tmp_path):
     args = [inputs.get(a, a) for a in KINDS[kind]]
     args = [a.replace("LORA", inputs["LORA"]) if a.startswith("LORA") else a for a in args]
     first, again = tmp_path / "first.mp4", tmp_path / "again.mp4"
-    assert cli.main([*args, "--model", str(tiny_checkpoint), "--seed", "5", "--out", str(first), "--quiet"]) == 0
+    assert cli_main([*args, "--model", str(tiny_checkpoint), "--seed", "5", "--out", str(first), "--quiet"]) == 0
     meta = read_metadata(first)
     expected = {k: (inputs["LORA"] if v == "LORA" else v) for k, v in EXPECTED[kind].items()}
     if kind == "lora":
@@ -71,5 +72,5 @@ def test_from_remakes_the_same_file(kind, tiny_checkpoint, inputs, tmp_path):
     assert meta["seed"] == 5 and meta["model"] == str(tiny_checkpoint)
     assert ("strength" in meta) == (kind in ("video-to-video", "upscale"))  # only what applies
     assert not {"base_noise_ratio", "free_init_filter", "free_init_iterations", "noise_prior"} & set(meta)
-    assert cli.main(["generate", "--from", str(first), "--out", str(again), "--quiet"]) == 0
+    assert cli_main(["generate", "--from", str(first), "--out", str(again), "--quiet"]) == 0
     assert again.read_bytes() == first.read_bytes()

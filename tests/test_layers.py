@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vidfusion import layers
-from vidfusion.layers import attention, group_norm_channels_last
+from vidfusion.models import layers
+from vidfusion.models.layers import attention, group_norm_channels_last
 
 from .test_parity import BASE, assert_latents_close, run_ours, run_reference
 

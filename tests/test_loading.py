@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vidfusion import CheckpointError, CheckpointNotFoundError, TextToVideoPipeline
-from vidfusion.loading import choose_weight_files
+from vidfusion.checkpoints.loading import choose_weight_files
 
 from .conftest import make_reference_pipeline
 
@@ -194,7 +194,7 @@ def test_dtype_must_be_a_float_dtype(tiny_checkpoint):
 
 
 def test_hub_download_list_takes_only_what_the_variant_needs():
-    from vidfusion.loading import wanted_hub_files
+    from vidfusion.checkpoints.loading import wanted_hub_files
 
     files = ["model_index.json", "README.md", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
              "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "text_encoder/config.json",

@@ -1,5 +1,5 @@
 """LoRA adapters in every published format: the video equals diffusers' video from a UNet (and text encoder) whose
-weights were merged by that format's own rule, written here independently of vidfusion.lora."""
+weights were merged by that format's own rule, written here independently of vidfusion.lora.apply."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from vidfusion import TextToVideoPipeline
-from vidfusion.lora import LoraError
+from vidfusion.lora.apply import LoraError
 
 from .test_parity import assert_latents_close
 
@@ -244,7 +244,7 @@ def test_cloneofsimo_lists_motiondirector(pipe, ref, tmp_path, ancestor, target)
 
 def test_stable_lora(pipe, ref, tmp_path):
     """sd-webui-text2video's format: original ModelScope names, loralib layouts, Conv3d deltas averaged."""
-    from vidfusion.naming import unet_name_to_original
+    from vidfusion.checkpoints.naming import unet_name_to_original
 
     g = torch.Generator().manual_seed(6)
     picks = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.temp_attentions.0.proj_in",

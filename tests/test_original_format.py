@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from vidfusion.config import FULL_UNET, UNetConfig
-from vidfusion.original_format import (
+from vidfusion.checkpoints.original_format import (
     ConversionError,
     read_checkpoint,
     state_dict_of,
     unet_to_diffusers,
     unet_to_original,
 )
-from vidfusion.unet3d import UNet3D
+from vidfusion.models.config import FULL_UNET, UNetConfig
+from vidfusion.models.unet3d import UNet3D
 
 # original name -> diffusers name for the published 1.7B config (input_blocks 3*i + j + 1, downsamplers at
 # 3*(i+1), output_blocks 3*i + j, upsamplers at output_blocks.{3*i + 2}.{1 if i == 0 else 3}, the resnet renames)
@@ -62,7 +62,7 @@ def full_unet_state():
 def test_published_names_both_ways():
     state = full_unet_state()
     original = unet_to_original(state, FULL_UNET)
-    from vidfusion.naming import unet_name_to_diffusers, unet_name_to_original
+    from vidfusion.checkpoints.naming import unet_name_to_diffusers, unet_name_to_original
 
     for orig, diffusers in PUBLISHED.items():  # each published name maps to its partner (catches a swapped pair)
         assert diffusers in state and orig in original, (orig, diffusers)
@@ -78,7 +78,7 @@ def test_published_names_both_ways():
 
 
 def test_tiny_unet_round_trip_through_a_pth_file(tiny_checkpoint, tmp_path):
-    from vidfusion.loading import read_json, read_weights
+    from vidfusion.checkpoints.loading import read_json, read_weights
 
     cfg = UNetConfig.from_dict(read_json(tiny_checkpoint / "unet" / "config.json"))
     state = read_weights(tiny_checkpoint / "unet", None)
@@ -139,10 +139,10 @@ def test_bad_files(tmp_path):
 def test_vae_names_both_ways_and_decode_parity(tiny_checkpoint, tmp_path):
     from diffusers import AutoencoderKL as DiffusersVAE
 
-    from vidfusion.config import VAEConfig
-    from vidfusion.loading import build_strict, read_json, read_weights
-    from vidfusion.original_format import vae_config_from, vae_to_diffusers, vae_to_original
-    from vidfusion.vae import AutoencoderKL
+    from vidfusion.checkpoints.loading import build_strict, read_json, read_weights
+    from vidfusion.checkpoints.original_format import vae_config_from, vae_to_diffusers, vae_to_original
+    from vidfusion.models.config import VAEConfig
+    from vidfusion.models.vae import AutoencoderKL
 
     cfg = VAEConfig.from_dict(read_json(tiny_checkpoint / "vae" / "config.json"))
     state = read_weights(tiny_checkpoint / "vae", None)
@@ -183,7 +183,7 @@ def test_openclip_text_tower_both_ways():
     mlp.c_proj}, token_embedding, positional_embedding, ln_final."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from vidfusion.original_format import clip_to_openclip, clip_to_transformers
+    from vidfusion.checkpoints.original_format import clip_to_openclip, clip_to_transformers
 
     torch.manual_seed(0)
     full = CLIPTextModel(CLIPTextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_attention_heads=1,
@@ -232,8 +232,13 @@ def folders(tmp_path_factory):
     from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from vidfusion.original_format import clip_to_openclip, clip_tokenizer, unet_to_original, vae_to_original
-    from vidfusion.random_checkpoint import PUBLISHED_SCHEDULER
+    from vidfusion.checkpoints.original_format import (
+        clip_to_openclip,
+        clip_tokenizer,
+        unet_to_original,
+        vae_to_original,
+    )
+    from vidfusion.checkpoints.random_checkpoint import PUBLISHED_SCHEDULER
 
     from .conftest import _randomize
 
@@ -259,7 +264,7 @@ def folders(tmp_path_factory):
     cfg = UNetConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in unet.config.items()
                         if k in UNetConfig.__dataclass_fields__})
     torch.save(unet_to_original(unet.state_dict(), cfg), original / "text2video_pytorch_model.pth")
-    from vidfusion.config import VAEConfig
+    from vidfusion.models.config import VAEConfig
 
     vae_cfg = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2)
@@ -304,7 +309,7 @@ def test_missing_parts_come_from_arguments(folders, tmp_path):
     import shutil
 
     from vidfusion import TextToVideoPipeline
-    from vidfusion.loading import CheckpointError
+    from vidfusion.checkpoints.loading import CheckpointError
 
     diffusers_folder, original = folders
     zs2 = tmp_path / "zs2_576w"  # Zeroscope ships UNet + CLIP only
@@ -354,7 +359,7 @@ def test_convert_both_ways(folders, tmp_path):
     got = ours(generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert ((expected - got).abs().max() / expected.abs().max()).item() < 1e-4
 
-    result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "convert", str(to_diffusers),
+    result = subprocess.run([sys.executable, "-m", "vidfusion", "convert", str(to_diffusers),
                              str(tmp_path / "back"), "--clip", str(original)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
@@ -370,12 +375,12 @@ def test_convert_both_ways(folders, tmp_path):
         convert(to_diffusers, back, overwrite=True, dtype="float16")
     assert read_checkpoint(back / "text2video_pytorch_model.pth")["out.2.weight"].dtype == torch.float16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
-    from vidfusion.fileio import current_umask
+    from vidfusion.media.fileio import current_umask
 
     mask = current_umask()  # published with the umask's permissions, not mkdtemp's / save_file's owner-only ones
     assert os.stat(to_diffusers).st_mode & 0o777 == 0o777 & ~mask
     for path in (to_diffusers / "unet" / "diffusion_pytorch_model.safetensors", back / "VQGAN_autoencoder.pth"):
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
-    result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "convert", str(tmp_path / "nope"),
+    result = subprocess.run([sys.executable, "-m", "vidfusion", "convert", str(tmp_path / "nope"),
                              str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr

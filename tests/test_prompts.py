@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidfusion.prompts import encode_prompts, parse_prompt_attention, token_chunks
-from vidfusion.text_encoder import encode_text
+from vidfusion.models.text_encoder import encode_text
+from vidfusion.pipelines.prompts import encode_prompts, parse_prompt_attention, token_chunks
 
 from .test_parity import assert_latents_close
 
@@ -91,7 +91,7 @@ def test_plain_prompt_video_unchanged_through_the_pipeline(ours, reference):
 
 def test_prompt_schedule_follows_a1111():
     """A1111's own documented example (modules/prompt_parser.py), alternation, and a clear error."""
-    from vidfusion.prompts import prompt_schedule
+    from vidfusion.pipelines.prompts import prompt_schedule
 
     text = ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
             "[ in background:0.25] [shoddy:masterful:0.5]")

@@ -180,7 +180,7 @@ def test_queue_limit_gives_429(tiny_checkpoint, tmp_path):
 
 
 def test_non_loopback_host_without_token_refuses_to_start(tiny_checkpoint, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "serve", "--model", str(tiny_checkpoint),
+    result = subprocess.run([sys.executable, "-m", "vidfusion", "serve", "--model", str(tiny_checkpoint),
                              "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")], capture_output=True, text=True,
                             timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
@@ -244,7 +244,7 @@ def test_preview_poster_and_video_metadata(server, tmp_path):
 
     from PIL import Image
 
-    from vidfusion.video_io import read_metadata
+    from vidfusion.media.video_io import read_metadata
 
     with server.client() as c:
         running = c.post("/v1/videos", json={**LONG, "prompt": "slow one"}).json()
@@ -271,7 +271,7 @@ def test_preview_poster_and_video_metadata(server, tmp_path):
 
 def test_few_step_sampler_defaults_in_the_job_record_and_the_video(server, tmp_path):
     """Catches the service filling in 50 steps / guidance 9 for {"sampler": "mcm"} (Python runs 4 steps, no CFG)."""
-    from vidfusion.video_io import read_metadata
+    from vidfusion.media.video_io import read_metadata
 
     with server.client() as c:
         body = {k: v for k, v in SMALL.items() if k not in ("num_inference_steps", "guidance_scale")}
@@ -309,7 +309,7 @@ def test_a_job_interrupted_3_times_fails_instead_of_running_forever(tmp_path):
 
 def test_interpolate_fps_field(server, tmp_path):
     """The service's interpolate_fps: 4 frames at 8 fps come back as 8 frames at 16 fps, recorded in the file."""
-    from vidfusion.video_io import read_metadata
+    from vidfusion.media.video_io import read_metadata
 
     with server.client() as c:
         body = {**SMALL, "num_frames": 4, "prompt": "smooth", "seed": 2, "fps": 8}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vidfusion.pipeline import TextToVideoPipeline
+from vidfusion.media.video_io import export_to_video, read_metadata, read_video
+from vidfusion.pipelines.text_to_video import TextToVideoPipeline
+from vidfusion.pipelines.video2video import VideoToVideoPipeline
 from vidfusion.serve.jobs import FAILED, QUEUED, JobStore
 from vidfusion.serve.render import JobRunner, check_lora_names
-from vidfusion.video2video import VideoToVideoPipeline
-from vidfusion.video_io import export_to_video, read_metadata, read_video
 
 from .serve_helpers import SMALL, Server, wait_for
 
@@ -266,7 +266,8 @@ def test_preview_decoder_gives_real_preview_pictures(tiny_checkpoint, pipe, tmp_
     from diffusers import AutoencoderTiny
     from PIL import Image
 
-    from vidfusion.tiny_vae import load_tiny_decoder, preview_frames
+    from vidfusion.checkpoints.tiny_decoder import load_tiny_decoder
+    from vidfusion.models.tiny_vae import preview_frames
 
     torch.manual_seed(0)
     # the tiny checkpoint's VAE upsamples 2x (not 8x): a TAESD of two blocks matches it

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vidfusion.video_io import export_to_video, read_metadata, read_video
+from vidfusion.media.video_io import export_to_video, read_metadata, read_video
 
 from .serve_helpers import SMALL, Server, free_port, wait_for
 
@@ -70,7 +70,7 @@ def gone(pid: int, timeout: float = 60) -> bool:
 
 @pytest.fixture(scope="module")
 def lora_dir(tiny_checkpoint, tmp_path_factory):
-    from vidfusion.pipeline import TextToVideoPipeline
+    from vidfusion.pipelines.text_to_video import TextToVideoPipeline
 
     from .test_serve_inputs import write_lora
 

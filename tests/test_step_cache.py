@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidfusion.step_cache import FASTER_DIFFUSION_KEYS_50, CacheSettings, full_steps
+from vidfusion.sampling.step_cache import FASTER_DIFFUSION_KEYS_50, CacheSettings, full_steps
 
 from .test_parity import assert_latents_close
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidfusion.tiny_vae import TinyDecoder, load_tiny_decoder
+from vidfusion.checkpoints.tiny_decoder import load_tiny_decoder
+from vidfusion.models.tiny_vae import TinyDecoder
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +73,16 @@ def test_pipeline_decoder_tiny(ours, reference):
 
 
 def test_cli_decoder_tiny(tiny_checkpoint, reference, tmp_path):
-    from vidfusion import cli
-    from vidfusion.video_io import read_metadata
+    from vidfusion.cli.main import main as cli_main
+    from vidfusion.media.video_io import read_metadata
 
     _, folder = reference
     out = tmp_path / "draft.mp4"
-    assert cli.main(["generate", "a cat", "--model", str(tiny_checkpoint), "--frames", "2", "--steps", "1",
+    assert cli_main(["generate", "a cat", "--model", str(tiny_checkpoint), "--frames", "2", "--steps", "1",
                      "--height", "64", "--width", "64", "--decoder", f"tiny:{folder}", "--out", str(out),
                      "--quiet"]) == 0
     assert read_metadata(out)["decoder"] == f"tiny:{folder}"
-    assert cli.main(["generate", "a cat", "--model", str(tiny_checkpoint), "--decoder", "small", "--quiet",
+    assert cli_main(["generate", "a cat", "--model", str(tiny_checkpoint), "--decoder", "small", "--quiet",
                      "--out", str(tmp_path / "x.mp4")]) == 2
 
 
@@ -123,7 +124,7 @@ def _reference_taesdv(state: dict[str, torch.Tensor], latents: torch.Tensor) -> 
 
 
 def _random_taesdv(width: int = 16) -> dict[str, torch.Tensor]:
-    from vidfusion.tiny_vae import TinyVideoDecoder
+    from vidfusion.models.tiny_vae import TinyVideoDecoder
 
     g = torch.Generator().manual_seed(3)
     state = {k: torch.randn(v.shape, generator=g) * 0.15 for k, v in TinyVideoDecoder(4, width).state_dict().items()}
@@ -134,7 +135,7 @@ def _random_taesdv(width: int = 16) -> dict[str, torch.Tensor]:
 def test_taesdv_decoder_matches_the_published_frame_by_frame_decode(tmp_path):
     """All frames at once with the memory as the input shifted by one frame == the published decode_frame loop (a
     decoder that fed the current frame, the next one, or no memory at all as memory fails)."""
-    from vidfusion.tiny_vae import TinyVideoDecoder, decode_frames
+    from vidfusion.models.tiny_vae import TinyVideoDecoder, decode_frames
 
     state = _random_taesdv()
     torch.save(state, tmp_path / "taesdv.pth")
@@ -153,7 +154,7 @@ def test_taesdv_decoder_matches_the_published_frame_by_frame_decode(tmp_path):
 def test_preview_by_the_tiny_decoder(ours, reference):
     """pipe.preview: the latents' approximate colours at latent size by default; real pictures at full size from
     the tiny decoder once loaded (the same as decoding those latents)."""
-    from vidfusion.tiny_vae import decode_frames
+    from vidfusion.models.tiny_vae import decode_frames
 
     _, folder = reference
     latents = torch.randn(1, 4, 2, 4, 4)

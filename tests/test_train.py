@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from vidfusion import TextToVideoPipeline, export_to_video
-from vidfusion.train import TrainDataError, find_clips, train_lora
+from vidfusion.training.train import TrainDataError, find_clips, train_lora
 
 from .test_parity import assert_latents_close
 
@@ -56,7 +56,7 @@ def test_loss_falls_and_the_lora_loads_in_vidfusion_and_diffusers(tiny_checkpoin
     assert any(".resnets.0.conv1.lora_A.weight" in k for k in state)
     assert all(state[k].item() == 4.0 for k in state if k.endswith(".alpha"))
     assert (out / "checkpoint-30").is_dir() and (out / "checkpoint-60").is_dir()
-    from vidfusion.fileio import current_umask
+    from vidfusion.media.fileio import current_umask
 
     mask = current_umask()  # the umask's permissions, not mkstemp's / save_file's owner-only 0600
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
@@ -76,7 +76,7 @@ def test_loss_falls_and_the_lora_loads_in_vidfusion_and_diffusers(tiny_checkpoin
     from diffusers import DDIMScheduler, TextToVideoSDPipeline
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    from vidfusion.train import TARGETS
+    from vidfusion.training.train import TARGETS
 
     reference = TextToVideoSDPipeline.from_pretrained(str(tiny_checkpoint))
     reference.set_progress_bar_config(disable=True)
@@ -92,7 +92,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(tiny_checkpoint, clips, 
                   offset_noise=0.1, debias=True)
     straight = train_lora(clips, tmp_path / "straight", **common, **SIZE)
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "vidfusion.cli", "train-lora", str(clips), "--out", str(out), "--model",
+    args = [sys.executable, "-m", "vidfusion", "train-lora", str(clips), "--out", str(out), "--model",
             str(tiny_checkpoint), "--target", "temporal", "--steps", "24", "--checkpoint-every", "4", "--seed", "3",
             "--offset-noise", "0.1", "--debias", "--frames", "8", "--height", "32", "--width", "32", "--rank", "4",
             "--lr", "1e-3", "--quiet"]
@@ -146,13 +146,13 @@ def test_resume_with_other_options_and_fresh_run_into_an_earlier_one_are_refused
 def test_mixed_precision_holds_the_frozen_models_in_half(tiny_checkpoint, clips, tmp_path, monkeypatch):
     """Catches --mixed-precision leaving the frozen UNet in float32 (README's memory figures describe a half UNet):
     every frozen weight is bfloat16, every LoRA weight float32, and the step trains."""
-    import vidfusion.train as train
+    import vidfusion.training.train as train
 
     seen = {}
     original = train._optimizer
 
     def capture(params, opts, device):
-        from vidfusion.pipeline import TextToVideoPipeline  # noqa: F401  (the models are built by now)
+        from vidfusion.pipelines.text_to_video import TextToVideoPipeline  # noqa: F401  (the models are built by now)
 
         seen["params"] = params
         return original(params, opts, device)
@@ -206,7 +206,7 @@ def test_bad_data_errors(tiny_checkpoint, clips, tmp_path):
     manifest.write_text(json.dumps({"video": str(clips / "clip0.mp4")}) + "\n")
     with pytest.raises(TrainDataError, match="row 1: needs 'video' and 'prompt'"):
         find_clips(manifest)
-    result = subprocess.run([sys.executable, "-m", "vidfusion.cli", "train-lora", str(tmp_path / "nope"), "--out",
+    result = subprocess.run([sys.executable, "-m", "vidfusion", "train-lora", str(tmp_path / "nope"), "--out",
                              str(tmp_path / "o4")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr
 
@@ -215,7 +215,7 @@ def test_gpu_layout_group_norm_trains(monkeypatch):
     """The layout-keeping GroupNorm (the GPU path) must support autograd: train-lora runs through it on CUDA."""
     from torch import nn
 
-    from vidfusion import layers
+    from vidfusion.models import layers
 
     monkeypatch.setattr(layers, "keeps_channels_last", lambda device: False)
     norm = nn.GroupNorm(4, 16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vidfusion import DiffusionPipeline, TextToVideoPipeline, VideoToVideoPipeline, VideoToVideoSDPipeline
-from vidfusion.video_io import export_to_video
+from vidfusion.media.video_io import export_to_video
 
 from .test_parity import SCHEDULERS, assert_latents_close
 
@@ -111,8 +111,8 @@ def test_few_step_samplers_start_at_their_first_timestep_below_strength(ours_v2v
 def test_consistency_start_state_is_diffusers_add_noise():
     from diffusers import LCMScheduler
 
-    from vidfusion.sampling import first_step, start_state
-    from vidfusion.schedules import NoiseSchedule, sampler_options
+    from vidfusion.sampling.samplers import first_step, start_state
+    from vidfusion.sampling.schedules import NoiseSchedule, sampler_options
 
     x0, noise = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4)
     for sampler, timesteps in (("lcm", [999, 759, 499, 259]), ("t2v-turbo", [999, 759, 519, 279])):

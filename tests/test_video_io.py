@@ -109,7 +109,7 @@ def test_no_frames_is_an_error_and_no_file(tmp_path, empty):
 
 @pytest.mark.parametrize("suffix", [".mp4", ".webm", ".gif"])
 def test_metadata_round_trip(tmp_path, suffix):
-    from vidfusion.video_io import read_metadata
+    from vidfusion.media.video_io import read_metadata
 
     meta = {"prompt": "a cat, " * 60 + "ünïcode", "seed": 7, "loras": [{"path": "a.pt", "weight": 0.5}]}
     path = export_to_video(clip(), tmp_path / f"m{suffix}", fps=8, metadata=meta)

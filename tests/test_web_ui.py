@@ -122,8 +122,8 @@ def test_video_input_and_loras_from_the_form(tiny_checkpoint, tmp_path, browser)
     was changed), the strength and the ticked LoRA with its weight; unticked ones are not sent."""
     import numpy as np
 
-    from vidfusion.pipeline import TextToVideoPipeline
-    from vidfusion.video_io import export_to_video
+    from vidfusion.media.video_io import export_to_video
+    from vidfusion.pipelines.text_to_video import TextToVideoPipeline
 
     from .test_serve_inputs import write_lora
 

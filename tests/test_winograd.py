@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidfusion import winograd
-from vidfusion.winograd import WinogradConv2d, WinogradF2Conv2d
+from vidfusion.models import winograd
+from vidfusion.models.winograd import WinogradConv2d, WinogradF2Conv2d
 
 
 def _conv(c_in: int, c_out: int, seed: int = 0, cls: type[WinogradConv2d] = WinogradConv2d) -> WinogradConv2d:
@@ -162,8 +162,8 @@ def test_the_vae_uses_it_for_its_resnet_convolutions_and_keeps_its_keys():
     from diffusers import AutoencoderKL as DiffusersVAE
 
     from tests.conftest import TINY_VAE
-    from vidfusion.config import VAEConfig
-    from vidfusion.vae import AutoencoderKL
+    from vidfusion.models.config import VAEConfig
+    from vidfusion.models.vae import AutoencoderKL
 
     ours = AutoencoderKL(VAEConfig.from_dict(DiffusersVAE(**TINY_VAE).config))
     kinds = {name: type(m) for name, m in ours.named_modules() if isinstance(m, nn.Conv2d)}

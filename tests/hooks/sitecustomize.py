@@ -1,7 +1,8 @@
 """Test hook, on the PYTHONPATH of processes a test starts (Ray workers, servers): when $VIDFUSION_TEST_GENERATIONS
 is set, every TextToVideoPipeline call appends "start PID PROMPT" before it and "done PID PROMPT" (or "stopped PID
 PROMPT" on an exception) after it, one O_APPEND line each. Tests count generations from it, independently of the
-code under test. It patches vidfusion.pipeline when that module is first imported, so it costs nothing elsewhere."""
+code under test. It patches vidfusion.pipelines.text_to_video when that module is first imported, so it costs
+nothing elsewhere."""
 
 import importlib.abc
 import importlib.util
@@ -35,7 +36,7 @@ def _patch(module):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "vidfusion.pipeline":
+        if name != "vidfusion.pipelines.text_to_video":
             return None
         sys.meta_path.remove(self)
         try:

@@ -1,1 +1,4 @@
-"""HTTP service: durable job queue (jobs.py), device workers (worker.py), REST API (app.py), web UI (ui.py)."""
+"""The HTTP service: durable job queue (`jobs`), device workers (`worker`, `render`), Ray actor pool
+(`ray_workers`), REST API (`app`), web UI (`ui`), start-up (`launch`).
+
+May import: `scale`, `pipelines` and every wing below them; not `training` or `cli`."""

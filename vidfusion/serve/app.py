@@ -19,10 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..fileio import atomic_file, write_bytes
-from ..schedules import SAMPLER_NAMES
-from ..step_cache import NO_CACHE_NAMES
-from ..video_io import probe_video
+from ..media.fileio import atomic_file, write_bytes
+from ..media.video_io import probe_video
+from ..sampling.schedules import SAMPLER_NAMES
+from ..sampling.step_cache import NO_CACHE_NAMES
 from .jobs import FINISHED, STATUSES, IdempotencyConflictError, JobStore, QueueFullError
 from .ui import render_ui
 

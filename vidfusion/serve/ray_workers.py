@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..ray_cluster import connect
+from ..scale.ray_cluster import connect
 from .jobs import FAILED, RUNNING, JobStore
 from .render import JobCancelled, ModelOptions, load_runner
 from .worker import complete, error_line, read_inputs, record_step, run_next_job

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..lora import adapter_weights, apply_loras
-from ..metadata import video_settings
-from ..video_io import export_to_video, read_video
+from ..lora.apply import adapter_weights, apply_loras
+from ..media.metadata import video_settings
+from ..media.video_io import export_to_video, read_video
 
 INPUT_KEYS = ("image", "last_image", "video")  # params naming a file of DATA/inputs (sent to the runner as bytes)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -57,7 +57,7 @@ def lora_files(lora_dir: str | Path | None) -> dict[str, Path]:
 
 def check_lora_names(named: list[str], loras: list[tuple[str, float]], turbo: bool) -> None:
     """A --lora-dir name must differ from the adapters every job uses (their file stems, t2v-turbo)."""
-    from ..published import TURBO_LORA
+    from ..checkpoints.published import TURBO_LORA
 
     base = {Path(path).stem for path, _ in loras} | ({Path(TURBO_LORA[1]).stem, "t2v-turbo"} if turbo else set())
     clash = sorted(set(named) & base)
@@ -104,7 +104,7 @@ def load_runner(options: ModelOptions, device: str | None, named_loras: dict[str
     """A pipeline loaded as `options` say on `device` (None: CUDA when there is one), with the server's adapters:
     the one loading path of the embedded workers and the Ray actors."""
     from ..devices import device_and_dtype
-    from ..pipeline import TextToVideoPipeline
+    from ..pipelines.text_to_video import TextToVideoPipeline
 
     device, dtype = device_and_dtype(device, options.dtype)
     pipe = TextToVideoPipeline.from_pretrained(options.model, dtype=dtype, variant=options.variant,
@@ -164,7 +164,7 @@ class JobRunner:
     def _video_pipeline(self) -> Any:
         """The video-to-video pipeline on the same loaded models (made once)."""
         if self._video_pipe is None:
-            from ..video2video import VideoToVideoPipeline
+            from ..pipelines.video2video import VideoToVideoPipeline
 
             self._video_pipe = VideoToVideoPipeline.from_pipe(self.pipe)
         return self._video_pipe

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..fileio import write_bytes
+from ..media.fileio import write_bytes
 from .jobs import FAILED, RUNNING, SUCCEEDED, JobStore
 from .render import INPUT_KEYS, JobCancelled, JobResult, JobRunner
 

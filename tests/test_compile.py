@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidfusion import TextToVideoPipeline, layers
+from vidfusion import TextToVideoPipeline
+from vidfusion.models import layers
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ KINDS = {
     "keyframes": ["generate", "a cat", "--keyframe", "2:a dog", *SMALL],
     "lora": ["generate", "a cat", "--lora", "LORA:0.7", "--lora-scale", "0.5", *SMALL],
     "interpolated": ["generate", "a cat", "--interpolate-fps", "24", *SMALL],
+    "bfloat16": ["generate", "a cat", "--dtype", "bfloat16", "--vae-tiling", *SMALL],
 }
 # what each kind must record (besides prompt, seed, model): the values that ran, not the parser's defaults
 EXPECTED = {
@@ -53,6 +54,7 @@ EXPECTED = {
     "keyframes": {"keyframes": ["2:a dog"]},
     "lora": {"loras": [{"path": "LORA", "weight": 0.7}], "lora_scale": 0.5},
     "interpolated": {"fps": 8, "interpolate_fps": 24},
+    "bfloat16": {"dtype": "bfloat16", "vae_tiling": True},
 }
 
 
@@ -74,3 +76,36 @@ def test_from_remakes_the_same_file(kind, tiny_checkpoint, inputs, tmp_path):
     assert not {"base_noise_ratio", "free_init_filter", "free_init_iterations", "noise_prior"} & set(meta)
     assert cli_main(["generate", "--from", str(first), "--out", str(again), "--quiet"]) == 0
     assert again.read_bytes() == first.read_bytes()
+
+
+# (first run's flags, the override that equals the parser's default or switches a stored option off, what the remake
+# must record): a `--from` that decides "given" by comparing with defaults keeps the stored value in every row
+OVERRIDES = {
+    "frames": (["--frames", "3"], ["--frames", "16"], {"num_frames": 16}),
+    "eta": (["--sampler", "ddim", "--eta", "0.5"], ["--eta", "0"], {"eta": None}),
+    "prompt-syntax": (["--prompt-syntax", "none"], ["--prompt-syntax", "a1111"], {"prompt_syntax": None}),
+    "cache-interval": (["--cache", "deepcache", "--cache-interval", "2"], ["--cache-interval", "3"],
+                       {"cache": "deepcache", "cache_interval": 3}),
+    "strength": (["--init-video", "VIDEO", "--strength", "0.4"], ["--strength", "0.6"], {"strength": 0.6}),
+    "loop": (["--frames", "6", "--window-size", "4", "--window-stride", "2", "--loop"], ["--no-loop"],
+             {"loop": None, "window_size": 4}),
+    "lora": (["--lora", "LORA:0.7", "--lora-scale", "0.5"], ["--no-lora"], {"loras": None, "lora_scale": None}),
+    "dtype": (["--dtype", "bfloat16"], ["--dtype", "float32"], {"dtype": "float32"}),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERRIDES))
+def test_a_flag_always_overrides_the_file(case, tiny_checkpoint, inputs, tmp_path):
+    """Catches `--from` deciding "was it given" by comparing with the parser's defaults (a stored value winning over
+    `--frames 16`, `--eta 0`, ...) and stored switches (loop, LoRAs) that cannot be turned off."""
+    first_flags, override, expected = OVERRIDES[case]
+    fill = {"VIDEO": inputs["VIDEO"], "LORA:0.7": inputs["LORA"] + ":0.7"}
+    first_flags = [fill.get(a, a) for a in first_flags]
+    size = [] if case in ("strength", "frames", "loop") else ["--frames", "3"]
+    first, again = tmp_path / "first.mp4", tmp_path / "again.mp4"
+    assert cli_main(["generate", "a cat", "--model", str(tiny_checkpoint), "--steps", "2", "--height", "16",
+                     "--width", "16", *size, *first_flags, "--seed", "1", "--out", str(first), "--quiet"]) == 0
+    assert cli_main(["generate", "--from", str(first), *override, "--out", str(again), "--quiet"]) == 0
+    meta = read_metadata(again)
+    assert {k: meta.get(k) for k in expected} == expected, meta
+    assert meta["seed"] == 1 and meta["prompt"] == "a cat"  # the rest still comes from the file

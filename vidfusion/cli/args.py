@@ -21,11 +21,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..sampling.noise import FREE_INIT_FILTERS, NOISE_PRIORS
-    from ..sampling.schedules import SAMPLER_NAMES
+    from ..media.metadata import __version__
+    from ..sampling.names import FREE_INIT_FILTERS, NOISE_PRIORS, SAMPLER_NAMES
 
     parser = _Parser(prog="vidfusion", description="Text-to-video with ModelScope / Zeroscope checkpoints.")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or VIDFUSION_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"vidfusion {__version__}")
     common = _Parser(add_help=False)  # --debug after the command too; SUPPRESS keeps a --debug given before it
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--free-init-iterations", type=int, default=1)
     gen.add_argument("--free-init-filter", choices=FREE_INIT_FILTERS, default="butterworth")
     gen.add_argument("--num-videos", type=int, default=1, help="videos from this prompt (OUT-1.mp4, OUT-2.mp4, ...)")
+    # switches a --from video may have stored on, switched off for the remake
+    gen.add_argument("--no-loop", dest="loop", action="store_false", default=argparse.SUPPRESS,
+                     help="with --from: not a loop, even if the video was")
+    gen.add_argument("--no-turbo", dest="turbo", action="store_false", default=argparse.SUPPRESS,
+                     help="with --from: without T2V-Turbo (and without the sampler, steps and guidance it implied)")
+    gen.add_argument("--no-lora", action="store_true", help="with --from: without the LoRAs the video records")
 
     up = sub.add_parser("upscale", help="resize a video, then refine it with video-to-video (Zeroscope XL recipe)")
     up.add_argument("video")
@@ -179,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--fp16-variant", action="store_true", help="also write *.fp16.safetensors")
     return parser
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The options (dests) a command line sets itself, decided from the words typed, not by comparing values with the
+    defaults: `--frames 16` is given although 16 is the default. The same parser with every default suppressed keeps
+    only what the command line named."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop()
+        for action in current._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+    return set(vars(parser.parse_args(argv)))
 
 
 def _add_generation_options(p: argparse.ArgumentParser, samplers, model: str = DEFAULT_MODEL) -> None:

@@ -11,7 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .args import UsageError, build_parser
+from .args import UsageError, build_parser, given_options
 
 
 def slugify(text: str, limit: int = 60) -> str:
@@ -130,16 +130,25 @@ def _load(cls, args: argparse.Namespace):
     return pipe.compile() if args.compile else pipe
 
 
-def _settings_from_video(args: argparse.Namespace, parser_defaults: dict) -> None:
-    """`generate --from VIDEO`: every setting stored in the video that was not given on the command line."""
+# settings a T2V-Turbo video stores because --turbo implied them: --no-turbo leaves them behind too
+TURBO_IMPLIED = ("sampler", "num_inference_steps", "guidance_scale")
+LORA_KEYS = ("loras", "lora_weight_name", "lora_target", "lora_scale")
+
+
+def _settings_from_video(args: argparse.Namespace, given: set[str]) -> None:
+    """`generate --from VIDEO`: every setting stored in the video that the command line does not set itself (`given`:
+    the options typed, whatever their value; `--no-loop`, `--no-turbo`, `--no-lora` switch stored ones off)."""
     from ..media.metadata import CLI_ARGUMENTS
     from ..media.video_io import read_metadata
 
     stored = read_metadata(args.from_file)
     if not stored.get("vidfusion"):
         raise ValueError(f"'{args.from_file}' holds no vidfusion settings (only videos vidfusion wrote do)")
+    left_out = set(LORA_KEYS) if args.no_lora else set()
+    if stored.get("turbo") and "turbo" in given and not args.turbo:
+        left_out |= set(TURBO_IMPLIED)
     for key, attr in CLI_ARGUMENTS.items():
-        if key in stored and getattr(args, attr) == parser_defaults.get(attr):
+        if key in stored and attr not in given and key not in left_out:
             value = stored[key]
             if key == "loras":
                 value = [f"{lora['path']}:{lora['weight']}" for lora in value]
@@ -323,11 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("VIDFUSION_DEBUG", "") not in ("", "0")
     try:
         parser = build_parser()
+        argv = sys.argv[1:] if argv is None else argv
         args = parser.parse_args(argv)
         debug = debug or getattr(args, "debug", False)
         if args.command == "generate" and args.from_file:
-            defaults = vars(parser.parse_args(["generate", "x"]))
-            _settings_from_video(args, {**defaults, "prompt": None})
+            _settings_from_video(args, given_options(argv))
         if args.command == "extend":
             print(_extend(args))
         elif args.command in ("generate", "upscale"):

@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"  # the package's version (pyproject.toml reads it here; recorded in every video)
 
 # TextToVideoOutput.settings: what ran (these win over anything a writer passes)
-RAN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "strength",
+RAN_KEYS = ("sampler", "num_inference_steps", "guidance_scale", "height", "width", "num_frames", "dtype", "strength",
             "guidance_interval", "prompt_syntax", "prompt_weighting", "cache", "cache_interval", "cache_branch",
             "cache_schedule")
 REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "fps", "interpolate_fps")
@@ -32,7 +32,8 @@ CLI_ARGUMENTS = {
     "strength": "strength", "image": "image", "last_image": "last_image", "decoder": "decoder",
     "window_size": "window_size", "window_stride": "window_stride", "loop": "loop", "noise_prior": "noise_prior",
     "base_noise_ratio": "base_noise_ratio", "freeu": "freeu", "free_init_iterations": "free_init_iterations",
-    "free_init_filter": "free_init_filter",
+    "free_init_filter": "free_init_filter", "dtype": "dtype", "vae": "vae", "clip": "clip", "vae_tiling": "vae_tiling",
+    "compile": "compile",
 }
 
 

@@ -61,6 +61,7 @@ class Plan:
     # prompt editing / alternation: (last step, prompts, negatives) segments; None when every step sees one text
     edits: list[tuple[int, list[str], list[str] | None]] | None = None
     cache: CacheSettings | None = None  # step caching (step_cache.py)
+    dtype: str = "float32"  # the UNet's dtype: a file records it, as it changes the frames
 
     def sampler_options(self) -> dict[str, Any]:
         """Keyword options of the sampler beyond the shared signature (eta where it takes one)."""
@@ -70,7 +71,7 @@ class Plan:
         """What ran, as a file made from it records (TextToVideoOutput.settings)."""
         ran = {"sampler": self.sampler, "num_inference_steps": self.steps,
                "guidance_scale": float(self.guidance_scale), "num_frames": self.num_frames, "height": self.height,
-               "width": self.width}
+               "width": self.width, "dtype": self.dtype}
         if self.guidance_interval:
             ran["guidance_interval"] = list(self.guidance_interval)
         if self.prompt_syntax != "a1111":
@@ -143,7 +144,7 @@ def make_plan(pipe: Any, call: dict[str, Any]) -> Plan:
                 free_init_iterations=call["free_init_iterations"], low_pass=low_pass, noise_prior=call["noise_prior"],
                 base_noise_ratio=call["base_noise_ratio"], eta=call["eta"], output_type=call["output_type"],
                 lora_scale=lora_scale, guidance_interval=interval, prompt_syntax=call["prompt_syntax"],
-                prompt_weighting=call["prompt_weighting"],
+                prompt_weighting=call["prompt_weighting"], dtype=str(pipe.unet.dtype).removeprefix("torch."),
                 images=images or None, image_init_strength=init_strength,
                 image_weights=frame_weights(images, num_frames, call["image_weights"]) if images else None,
                 edits=text_edits(keyframes[1] if keyframes else prompts, negatives, steps, call["prompt_syntax"]),

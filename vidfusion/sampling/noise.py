@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .names import FREE_INIT_FILTERS, NOISE_PRIORS
+
 Generator = torch.Generator | list[torch.Generator] | None
 
 
@@ -50,8 +52,6 @@ def video_noise_sampler(shape: tuple[int, ...], generator: Generator, device: to
     return draw
 
 
-NOISE_PRIORS = ("iid", "videofusion")
-
 
 def check_noise_prior(prior: str, base_noise_ratio: float) -> None:
     """A clear error for an unknown prior, or a VideoFusion ratio outside [0, 1]."""
@@ -75,8 +75,6 @@ def initial_noise(shape: tuple[int, ...], generator: Generator, device: torch.de
     base = randn((b, c, 1, h, w), generator, device, dtype)
     return base_noise_ratio**0.5 * base + (1 - base_noise_ratio) ** 0.5 * noise
 
-
-FREE_INIT_FILTERS = ("gaussian", "butterworth", "ideal")
 
 
 def free_init_filter(shape: tuple[int, int, int], kind: str, spatial: float = 0.25, temporal: float = 0.25,

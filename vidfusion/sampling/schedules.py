@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .names import SAMPLER_NAMES
+
 _BASE: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -61,8 +63,6 @@ SAMPLER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp-2m-karras": ("dpmpp-2m", {"use_karras_sigmas": True}),
     "mcm": ("lcm", {"timestep_scaling": 4.0}),  # MCM's LoRAs (yhzhai/mcm) sample as LCM with timestep scaling 4
 }
-SAMPLER_NAMES = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-ancestral", "heun", "lms", "pndm", "unipc",
-                 "lcm", "mcm", "t2v-turbo")
 # Few-step samplers: their own num_inference_steps and guidance_scale. LCM / MCM run without classifier-free
 # guidance (1: one UNet pass a step, as MCM's demo); T2V-Turbo's 7.5 is an input of its UNet (embedded guidance).
 FEW_STEP_DEFAULTS: dict[str, dict[str, float]] = {

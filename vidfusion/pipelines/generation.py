@@ -164,7 +164,8 @@ def check_noise_inputs(shape: tuple[int, ...], generator: Any, latents: torch.Te
 def text_edits(prompts: list[str] | None, negatives: list[str] | None, steps: int, syntax: str
                ) -> list[tuple[int, list[str], list[str] | None]] | None:
     """The texts each denoising step sees when a prompt uses A1111 editing ([from:to:when], [a|b]): consecutive
-    steps with the same texts grouped as (last step, prompts, negatives); None when nothing changes."""
+    schedule steps with the same texts grouped as (end_at_step, prompts, negatives), as prompt_schedule; None when
+    nothing changes."""
     if syntax != "a1111" or prompts is None:
         return None
     texts = prompts + (negatives or [])
@@ -183,11 +184,12 @@ def text_edits(prompts: list[str] | None, negatives: list[str] | None, steps: in
 
 
 class StepContexts:
-    """Text states that change during sampling (prompt editing): (last step, context) segments; `current` is the
-    one for the step being computed (steps from 1, set by the step reporter)."""
+    """Text states that change during sampling (prompt editing): (end_at_step, context) segments; `current` is the
+    first whose end_at_step >= `step`, the index of the step being computed counted from 0 as A1111's denoiser
+    counts (set by the step reporter: the run's first step, then one more after each)."""
 
     def __init__(self, segments: list[tuple[int, Any]]):
-        self.segments, self.step = segments, 1
+        self.segments, self.step = segments, 0
 
     @property
     def current(self) -> Any:
@@ -240,11 +242,12 @@ class StepReporter:
         self.conditioning: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # pictures fixed in frames
         self.step_cache: Any = None  # step_cache.CachedNetwork: told where each step ends
 
-    def begin_pass(self, iteration: int, steps: int) -> None:
-        """A sampler pass starts (FreeInit repeats it): steps count from here, texts from the first step."""
+    def begin_pass(self, iteration: int, steps: int, start: int = 0) -> None:
+        """A sampler pass starts (FreeInit repeats it) at step `start` (part-way for video-to-video and picture-started
+        runs): steps count from here, texts from the run's first step."""
         self.offset = iteration * steps
         if self.contexts is not None:
-            self.contexts.step = 1
+            self.contexts.step = start
         if self.step_cache is not None:
             self.step_cache.begin_pass()
 
@@ -262,7 +265,7 @@ class StepReporter:
         if self.step_cache is not None:
             self.step_cache.next_step()
         if self.contexts is not None:
-            self.contexts.step = step + 2  # the next step's text (steps count from 1)
+            self.contexts.step = step + 1  # the next step's text
         if self.conditioning is not None:
             x = self.conditioning(step, x)
         step += self.offset
@@ -299,8 +302,17 @@ def sample_with_free_init(model_fn: Callable, x: torch.Tensor, plan: Plan, repor
             diffused = a_t**0.5 * x + (1 - a_t) ** 0.5 * start_noise
             fresh = randn(tuple(x.shape), generator, x.device, noise_dtype).float()
             x = mix_frequencies(diffused, fresh, plan.low_pass)
-        reporter.begin_pass(iteration, plan.steps)
+        reporter.begin_pass(iteration, plan.steps, start)
         x = sampler(model_fn, x, plan.schedule, noise_sampler=noise_sampler, callback=reporter, **extra)
+    return finite_latents(x)
+
+
+def finite_latents(x: torch.Tensor) -> torch.Tensor:
+    """The sampler's result, refused when it holds NaN or inf: a garbage video is never decoded and written."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            "sampling produced NaN/inf latents; nothing was written (float16 overflow or a broken checkpoint or LoRA "
+            "are the usual causes: try --dtype float32 / bfloat16, a lower LoRA weight or guidance)")
     return x
 
 

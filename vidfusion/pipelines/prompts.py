@@ -94,24 +94,27 @@ def token_chunks(tokenizer, text: str, syntax: str) -> tuple[torch.Tensor, torch
     tokenizer pads; BREAK closes a chunk early."""
     runs = parse_prompt_attention(text) if syntax == "a1111" else [(text, 1.0)]
     comma = tokenizer(",", add_special_tokens=False).input_ids[-1:]
-    chunks: list[list[tuple[int, float]]] = [[]]
+    chunks: list[list[tuple[int, float]]] = []
+    chunk: list[tuple[int, float]] = []
     last_comma = -1
-    for piece, weight in runs:
-        if weight == -1:  # BREAK
-            chunks.append([])
-            last_comma = -1
+    for piece, weight in runs:  # A1111's tokenize_line, step for step
+        if piece == "BREAK" and weight == -1:  # closes the chunk, even an empty one (a leading BREAK keeps it)
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
             continue
         for token in tokenizer(piece, add_special_tokens=False).input_ids:
-            if len(chunks[-1]) == CHUNK:
-                # as the webui: text after a comma at most COMMA_BACKTRACK tokens back moves to the next chunk
-                moved = chunks[-1][last_comma + 1:] if 0 <= CHUNK - 1 - last_comma < COMMA_BACKTRACK else []
-                chunks[-1] = chunks[-1][:CHUNK - len(moved)]
-                chunks.append(moved)
-                last_comma = -1
             if [token] == comma:
-                last_comma = len(chunks[-1])
-            chunks[-1].append((token, weight))
-    chunks = [c for c in chunks if c] or [[]]
+                last_comma = len(chunk)
+            elif len(chunk) == CHUNK and last_comma != -1 and len(chunk) - last_comma <= COMMA_BACKTRACK:
+                # a full chunk with a comma at most COMMA_BACKTRACK tokens back: the text after it moves on
+                chunks.append(chunk[:last_comma + 1])
+                chunk, last_comma = chunk[last_comma + 1:], -1
+            if len(chunk) == CHUNK:
+                chunks.append(chunk)
+                chunk, last_comma = [], -1
+            chunk.append((token, weight))
+    if chunk or not chunks:
+        chunks.append(chunk)
     length = tokenizer.model_max_length
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -140,8 +143,9 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device: torch.de
         ids, weights = token_chunks(tokenizer, prompt, syntax)
         z = _encode_ids(text_encoder, ids.to(device), clip_skip).float()  # (C, 77, D)
         weighted = z * weights.to(device)[..., None]
-        if weighting == "original":  # A1111: keep each chunk's mean
-            weighted = weighted * (z.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+        if weighting == "original":  # A1111: keep each chunk's mean (a chunk whose weighted mean is 0 is kept as is)
+            before, after = z.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+            weighted = weighted * torch.where(after == 0, torch.ones_like(after), before / after)
         states.append(weighted.reshape(-1, z.shape[-1]))  # (77 * C, D)
     empty = encode_text(text_encoder, tokenizer, [""], device, clip_skip)[0].float()  # (77, D)
     return torch.stack(pad_tokens(states, empty)).to(text_encoder.dtype)
@@ -178,13 +182,16 @@ __all__ = ["encode_prompts", "parse_prompt_attention", "prompt_schedule", "same_
 
 # ---- prompt editing and alternation: which text each denoising step sees ----------------------------------------
 
-_NUMBER = re.compile(r"\s*([+-]?(\d+\.?\d*|\.\d+))\s*$")
+_NUMBER = re.compile(r"\s*([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)\s*$")  # lark's SIGNED_NUMBER
 
 
 def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
-    """A1111's prompt editing over `steps` denoising steps: [(last step, text)], steps counted from 1.
-    `[from:to:when]` uses `from` up to step `when` (a fraction of the steps when < 1) and `to` after it;
-    `[to:when]` adds `to` after `when`, `[from::when]` removes `from` after it; `[a|b|c]` alternates every step.
+    """A1111's prompt editing over `steps` denoising steps, as its `get_learned_conditioning_prompt_schedules`:
+    [(end_at_step, text)]. Denoising step s (counted from 0, as A1111's denoiser counts) uses the first entry with
+    s <= end_at_step. `[from:to:when]` uses `from` while s <= when and `to` after it, where `when` with a "." is a
+    fraction of the steps (`[a:b:1.0]` never switches) and without one a step number (both truncated to an integer,
+    at most `steps`); `[to:when]` adds `to` after `when`, `[from::when]` removes `from` after it; `[a|b|c]` takes
+    option (s' - 1) mod 3 at schedule step s' (so a, a, b, a, b, ... over denoising steps 0, 1, 2, ...).
     Emphasis brackets stay in the text for parse_prompt_attention. Bad syntax: a clear error naming the position."""
     tree = _parse_sequence(text, 0, "")[0]
     texts = [_resolve(tree, step, steps) for step in range(1, steps + 1)]
@@ -243,7 +250,7 @@ def _parse_bracket(text: str, start: int) -> tuple[Any, int]:
         when = _NUMBER.match("".join(p if isinstance(p, str) else "\0" for p in parts[-1]))
         if when:
             edit = parts[:-1] if len(parts) == 3 else [[], parts[0]]
-            return ("edit", edit, float(when.group(1))), end
+            return ("edit", edit, when.group(1)), end
     # not an edit (e.g. "[less]" or "[a:b]"): emphasis brackets with their text, as A1111 reads them
     nodes = parts[0]
     for sep, part in zip(separators, parts[1:]):
@@ -262,6 +269,6 @@ def _resolve(nodes: list, step: int, steps: int) -> str:
             out.append(_resolve(node[1][(step - 1) % len(node[1])], step, steps))
         else:  # edit
             _, (before, after), when = node
-            last = when * steps if when < 1 else when
+            last = min(steps, int(float(when) * steps if "." in when else float(when)))
             out.append(_resolve(before if step <= last else after, step, steps))
     return "".join(out)

@@ -1,8 +1,9 @@
 """Test hook, on the PYTHONPATH of processes a test starts (Ray workers, servers): when $VIDFUSION_TEST_GENERATIONS
 is set, every TextToVideoPipeline call appends "start PID PROMPT" before it and "done PID PROMPT" (or "stopped PID
 PROMPT" on an exception) after it, one O_APPEND line each. Tests count generations from it, independently of the
-code under test. It patches vidfusion.pipelines.text_to_video when that module is first imported, so it costs
-nothing elsewhere."""
+code under test. With $VIDFUSION_TEST_WORKER_DIES, a job whose prompt is "die" ends the worker thread that takes it
+(a fatal bug, injected: the service must report it). It patches the modules when they are first imported, so it
+costs nothing elsewhere."""
 
 import importlib.abc
 import importlib.util
@@ -10,6 +11,7 @@ import os
 import sys
 
 LOG = os.environ.get("VIDFUSION_TEST_GENERATIONS")
+WORKER_DIES = os.environ.get("VIDFUSION_TEST_WORKER_DIES")
 
 
 def _write(kind, prompt):
@@ -34,9 +36,24 @@ def _patch(module):
     cls.__call__ = counted
 
 
+def _patch_worker(module):
+    original = module.Worker.run_job
+
+    def run_job(self, job_id, params):
+        if params.get("prompt") == "die":
+            raise SystemExit("injected: the worker thread dies")
+        return original(self, job_id, params)
+
+    module.Worker.run_job = run_job
+
+
+PATCHES = {**({"vidfusion.pipelines.text_to_video": _patch} if LOG else {}),
+           **({"vidfusion.serve.worker": _patch_worker} if WORKER_DIES else {})}
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "vidfusion.pipelines.text_to_video":
+        if name not in PATCHES:
             return None
         sys.meta_path.remove(self)
         try:
@@ -47,11 +64,11 @@ class _Finder(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module):
             exec_module(module)
-            _patch(module)
+            PATCHES[name](module)
 
         spec.loader.exec_module = exec_and_patch
         return spec
 
 
-if LOG:
+if PATCHES:
     sys.meta_path.insert(0, _Finder())

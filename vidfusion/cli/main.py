@@ -26,13 +26,15 @@ def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from ..serve.app import is_loopback
+    from ..serve.guard import is_loopback
 
     token = args.token or None
     if not is_loopback(args.host) and token is None:
         raise ValueError(f"refusing to serve on non-loopback host {args.host!r} without a token: pass --token or "
                          "set VIDFUSION_TOKEN")
-    _check_at_least_one(args, "max_queue", "max_frames", "max_pixels", "workers")
+    _check_at_least_one(args, "max_queue", "max_frames", "max_pixels", "workers", "max_output_frames")
+    if args.keep_days is not None and not args.keep_days > 0:
+        raise ValueError(f"--keep-days must be above 0, got {args.keep_days}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.ray is None and (args.workers or args.gpus_per_worker or args.cpus_per_worker):
@@ -44,8 +46,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from ..serve.app import ServeSettings
     from ..serve.launch import local_app, ray_app
+    from ..serve.params import ServeSettings
     from ..serve.render import ModelOptions, lora_files
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -56,7 +58,8 @@ def _serve(args: argparse.Namespace) -> None:
                            lora_dir=args.lora_dir, preview_decoder=args.preview_decoder)
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
                              max_frames=args.max_frames, max_pixels=args.max_pixels,
-                             max_upload_mb=args.max_upload_mb, model=str(args.model))
+                             max_upload_mb=args.max_upload_mb, model=str(args.model), host=args.host,
+                             max_output_frames=args.max_output_frames, keep_days=args.keep_days)
     if args.ray is None:
         app = local_app(settings, options, args.device or [None])
     else:

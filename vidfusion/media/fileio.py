@@ -24,7 +24,14 @@ _umask_lock = threading.Lock()
 
 
 def current_umask() -> int:
-    """The process umask (read by setting and restoring it; os has no read-only call)."""
+    """The process umask: read from /proc/self/status where the kernel reports it (Linux 4.7+), without touching
+    it; elsewhere by setting and restoring it under a lock (os has no read-only call)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     with _umask_lock:
         mask = os.umask(0o022)
         os.umask(mask)
@@ -46,17 +53,31 @@ def _publish(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, suffix: str = ".tmp", durable: bool = False) -> Iterator[Path]:
     """Yield a temp path in `path`'s folder (ending in `suffix`, for writers that pick a format by extension);
-    on success it is renamed over `path`, on any error removed (no file at all, not an empty one)."""
+    on success it is renamed over `path`, on any error removed (no file at all, not an empty one). `durable`: the
+    file's data and then its folder's entry are flushed to the disk (fsync) before returning, so the file survives
+    a power loss from then on."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         _publish(Path(tmp))
+        if durable:
+            _fsync(Path(tmp))
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent, directory=True)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -79,9 +100,9 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
         raise
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically; returns the path."""
-    with atomic_file(path) as tmp:
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> Path:
+    """Write `data` to `path` atomically (and `durable`: flushed to the disk, see atomic_file); returns the path."""
+    with atomic_file(path, durable=durable) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +92,12 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
         raise ValueError(f"fps must be positive, got {fps!r}")
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    if interpolate_fps is not None:
-        video, fps = interpolate_frames(video, fps, interpolate_fps), interpolate_fps
     _, h, w, _ = video.shape
-    if suffix in (".mp4", ".webm") and (h % 2 or w % 2):  # yuv420p needs even sizes: pad by repeating the edge
-        video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        h, w = video.shape[1:3]
+    pad = ((0, h % 2), (0, w % 2), (0, 0)) if suffix in (".mp4", ".webm") else ((0, 0),) * 3  # yuv420p: even sizes
+    h, w = h + pad[0][1], w + pad[1][1]
+    if interpolate_fps is not None:  # streamed from the filter graph into the encoder, never held all at once
+        video, fps = interpolated_frames(video, fps, interpolate_fps), interpolate_fps
+    video = (np.pad(frame, pad, mode="edge") if pad[0][1] or pad[1][1] else frame for frame in video)
     tags = {"comment": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else {}
     # the index (moov) before the data, so players start before the whole file has arrived (a muxer option)
     container_options = {"fflags": "+bitexact"}  # no random ids (Matroska UIDs) or version strings
@@ -109,7 +110,7 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
             stream.width, stream.height = w, h
             if suffix == ".gif":
                 stream.pix_fmt = "pal8"
-                frames = _palettized(video, fps)
+                frames = _palettized(video, fps, h, w)
             else:
                 stream.pix_fmt = "yuv420p"
                 # one encoder thread, our own RGB -> YUV 4:2:0 and no x264 macroblock-tree pass (it reads memory it
@@ -125,12 +126,11 @@ def export_to_video(frames: Any, output_path: str | os.PathLike | None = None, f
     return str(path)
 
 
-def _palettized(video: np.ndarray, fps: float) -> list:
-    """uint8 frames (F, H, W, 3) -> pal8 frames sharing one 256-colour palette made from the whole video (ffmpeg's
+def _palettized(video: Iterable[np.ndarray], fps: float, h: int, w: int) -> list:
+    """uint8 frames (H, W, 3) -> pal8 frames sharing one 256-colour palette made from the whole video (ffmpeg's
     palettegen + paletteuse through PyAV's filter graph; a fixed rgb8 palette bands gradients heavily)."""
     import av
 
-    _, h, w, _ = video.shape
     time_base = 1 / _rate(fps)
     graph = av.filter.Graph()
     source = graph.add_buffer(width=w, height=h, format="rgb24", time_base=time_base)
@@ -155,10 +155,11 @@ def _palettized(video: np.ndarray, fps: float) -> list:
             return frames
 
 
-def interpolate_frames(video: np.ndarray, fps: int, target_fps: int) -> np.ndarray:
-    """uint8 frames (F, H, W, 3) at `fps` -> F * target_fps / fps frames at `target_fps`: motion-compensated
-    interpolation (ffmpeg's minterpolate, mci, through PyAV's filter graph); every frame whose time is an original's
-    is that original, and the clip lasts as long (the last frame is held at the end)."""
+def interpolated_frames(video: np.ndarray, fps: int, target_fps: int) -> Iterator[np.ndarray]:
+    """uint8 frames (F, H, W, 3) at `fps` -> F * target_fps / fps frames (H, W, 3) at `target_fps`, one at a time as
+    the filter makes them: motion-compensated interpolation (ffmpeg's minterpolate, mci, through PyAV's filter graph);
+    every frame whose time is an original's is that original, and the clip lasts as long (the last frame is held at
+    the end). Only a few frames are in memory at once, however many the output has."""
     import av
 
     if not isinstance(target_fps, int) or isinstance(target_fps, bool) or target_fps <= fps:
@@ -173,19 +174,29 @@ def interpolate_frames(video: np.ndarray, fps: int, target_fps: int) -> np.ndarr
     steps[0].link_to(steps[1])
     steps[1].link_to(steps[2])
     graph.configure()
-    for i, array in enumerate([*video, video[-1], video[-1]]):  # held frames: the last interval is interpolated too
-        frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-        frame.pts, frame.time_base = i, time_base
-        source.push(frame)
-    source.push(None)
-    wanted, out = round(count * target_fps / fps), []
-    while len(out) < wanted:
-        try:
-            out.append(steps[2].pull().to_ndarray(format="rgb24"))
-        except (av.error.EOFError, av.error.BlockingIOError):
-            break
-    out += [out[-1]] * (wanted - len(out))
-    return np.stack(out)
+    wanted = round(count * target_fps / fps)
+
+    def frames(graph: av.filter.Graph = graph) -> Iterator[np.ndarray]:  # holds the graph: its filters live in it
+        made, last = 0, None
+        held = [video[-1], video[-1]]  # held frames: the last interval is interpolated too
+        for i, array in enumerate([*video, *held, None]):
+            if array is None:
+                source.push(None)
+            else:
+                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+                frame.pts, frame.time_base = i, time_base
+                source.push(frame)
+            while made < wanted:  # what the filter has ready now
+                try:
+                    last = steps[2].pull().to_ndarray(format="rgb24")
+                except (av.error.EOFError, av.error.BlockingIOError):
+                    break
+                made += 1
+                yield last
+        for _ in range(wanted - made):
+            yield last
+
+    return frames()
 
 
 def _rate(fps: float):
@@ -318,17 +329,34 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"comment": comment}
 
 
-def probe_video(path: str | os.PathLike) -> tuple[int, int, int, float]:
-    """(frames, height, width, fps) of a video file, every frame decoded (so a broken file is found), none kept."""
+# containers an uploaded video may be (no script or playlist demuxers: ffconcat, hls, ... open other files)
+UPLOAD_FORMATS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,gif,avi"
+
+
+def probe_video(path: str | os.PathLike, max_pixels: int | None = None, max_frames: int | None = None,
+                formats: str | None = None) -> tuple[int, int, int, float]:
+    """(frames, height, width, fps) of a video file. The container's header is judged first: frames over
+    `max_pixels` are refused before anything is decoded; then frames are decoded (so a broken file is found), one at
+    a time and none kept, up to `max_frames` + 1 (one more than needed: the count says "longer" without decoding
+    the rest). `formats`: the only container formats opened (ffmpeg's format_whitelist, e.g. UPLOAD_FORMATS)."""
     import av
 
+    options = {"format_whitelist": formats} if formats else {}
     frames, height, width = 0, 0, 0
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), options=options) as container:
             stream = container.streams.video[0]
-            for frame in container.decode(stream):
-                frames, height, width = frames + 1, frame.height, frame.width
             fps = float(stream.average_rate or 8)
+            header_height, header_width = stream.codec_context.height, stream.codec_context.width
+            if max_pixels is not None and header_height * header_width > max_pixels:
+                raise ValueError(f"its frames are {header_width}x{header_height}, over {max_pixels} pixels")
+            limit = None if max_frames is None else max_frames + 1
+            for frame in container.decode(stream):
+                if max_pixels is not None and frame.height * frame.width > max_pixels:
+                    raise ValueError(f"a frame is {frame.width}x{frame.height}, over {max_pixels} pixels")
+                frames, height, width = frames + 1, frame.height, frame.width
+                if limit is not None and frames >= limit:
+                    break
     except (av.error.FFmpegError, IndexError) as exc:
         raise ValueError(f"cannot read video '{path}': {exc}") from None
     if not frames:

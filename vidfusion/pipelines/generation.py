@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -196,7 +196,27 @@ class StepContexts:
         return next((context for last, context in self.segments if self.step <= last), self.segments[-1][1])
 
     def map(self, fn: Callable[[Any], Any]) -> StepContexts:
-        return StepContexts([(last, fn(context)) for last, context in self.segments])
+        """`fn` of each distinct context once (segments that share a text share its result)."""
+        done: dict[int, Any] = {}
+        for _, context in self.segments:
+            if id(context) not in done:
+                done[id(context)] = fn(context)
+        return StepContexts([(last, done[id(context)]) for last, context in self.segments])
+
+
+def encode_segments(plan: Plan, encode: Callable[[Plan], tuple[Any, int]]) -> tuple[StepContexts, int]:
+    """Prompt editing's text states: each distinct text of `plan.edits` encoded once by `encode(step_plan)` ->
+    (context, videos), shared by every segment that shows it (`[a|b]` over 500 steps: two encodings, not 500)."""
+    encoded: dict[tuple, tuple[Any, int]] = {}
+    segments = []
+    for last, texts, negatives in plan.edits:
+        key = (tuple(texts), tuple(negatives or ()))
+        if key not in encoded:
+            keyframes = (plan.keyframes[0], texts) if plan.keyframes else None
+            encoded[key] = encode(replace(plan, prompts=None if keyframes else texts, negatives=negatives,
+                                          keyframes=keyframes, edits=None))
+        segments.append((last, encoded[key][0]))
+    return StepContexts(segments), encoded[key][1]
 
 
 CROSS_ATTENTION_KWARGS = ("scale",)

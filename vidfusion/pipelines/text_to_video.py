@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from .generation import (
     StepReporter,
     Stopped,
     check_noise_inputs,
+    encode_segments,
     guidance_condition,
     make_plan,
     postprocess,
@@ -354,14 +355,8 @@ class TextToVideoPipeline:
         """(text states, videos): [uncond; cond] with guidance; per frame (N*F, 77, D) for prompt travel; with prompt
         editing, the states of each segment of steps (StepContexts)."""
         if plan.edits:
-            segments = []
-            for last, texts, negatives in plan.edits:
-                keyframes = (plan.keyframes[0], texts) if plan.keyframes else None
-                step_plan = replace(plan, prompts=None if keyframes else texts, negatives=negatives,
-                                    keyframes=keyframes, edits=None)
-                context, batch = self._encode(step_plan, prompt_embeds, negative_prompt_embeds, clip_skip)
-                segments.append((last, context))
-            return StepContexts(segments), batch
+            return encode_segments(plan, lambda step_plan: self._encode(step_plan, prompt_embeds,
+                                                                        negative_prompt_embeds, clip_skip))
         times = plan.videos_per_prompt
         if plan.keyframes:
             negative = plan.negatives[:1] if plan.negatives else None

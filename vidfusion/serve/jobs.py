@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -14,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..media.fileio import remove_temp_files
+from ..media.fileio import TEMP_PREFIX, remove_temp_files
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -72,6 +73,10 @@ class Job:
         return out
 
 
+class DataDirInUseError(ValueError):
+    """Another server holds this data folder."""
+
+
 class JobStore:
     """All job state lives in SQLite, so a restarted server sees every job; one connection guarded by a lock."""
 
@@ -88,13 +93,34 @@ class JobStore:
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on the disk (WAL synced) before it returns
         self._db.executescript(_SCHEMA)
         self.changed = threading.Condition()  # notified on every state change (workers, event streams)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def lock(self) -> None:
+        """Hold the data folder for this process's lifetime (one server per --data-dir: a second one would re-queue
+        the first one's running jobs and both would write the same video). Raises DataDirInUseError naming the
+        process that holds it."""
+        import fcntl
+
+        handle = open(self.data_dir / "server.lock", "a+")  # noqa: SIM115 (held until the process ends)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise DataDirInUseError(f"the data folder {self.data_dir} is in use by {holder}: one server per "
+                                    "--data-dir (stop it, or pass another --data-dir)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"vidfusion serve (pid {os.getpid()})")
+        handle.flush()
+        self._lock_file = handle
 
     def hold_input(self, data: bytes, suffix: str) -> tuple[Path, bool]:
         """The inputs-folder file for uploaded `data` (named by its content: a retried upload, or the same file sent
@@ -158,6 +184,25 @@ class JobStore:
                     requeued.append(row["id"])
         self._notify()
         return requeued
+
+    def prune(self, older_than: float) -> list[str]:
+        """Finished jobs that finished more than `older_than` seconds ago removed: record, video, poster, preview,
+        and the input files no remaining job names. Returns their ids."""
+        cutoff = time.time() - older_than
+        with self._lock:
+            rows = self._db.execute(f"SELECT id FROM jobs WHERE status IN ({','.join('?' * len(FINISHED))}) AND "
+                                    "finished_at < ?", (*FINISHED, cutoff)).fetchall()
+            ids = [row["id"] for row in rows]
+            for job_id in ids:
+                for path in (self.video_path(job_id), self.poster_path(job_id), self.preview_path(job_id)):
+                    path.unlink(missing_ok=True)
+                self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            if ids:
+                for path in self.input_dir.iterdir():  # (a file being written has a temp name: left alone)
+                    if not path.name.startswith(TEMP_PREFIX) and str(path) not in self._held and \
+                            not self._names_input(str(path)):
+                        path.unlink(missing_ok=True)
+        return ids
 
     def submit(self, params: dict[str, Any], idempotency_key: str | None = None,
                max_queue: int | None = None) -> tuple[Job, bool]:

@@ -28,6 +28,7 @@ def local_app(settings: ServeSettings, options: ModelOptions, devices: list[str 
 
     named = {name: (str(path), str(path)) for name, path in lora_files(options.lora_dir).items()}
     store = JobStore(settings.data_dir)
+    store.lock()  # before any model loads: a second server on this folder stops here
     workers = []
     for device in devices:
         runner = load_runner(options, device, named)
@@ -43,6 +44,7 @@ def ray_app(settings: ServeSettings, options: ModelOptions, address: str, worker
     named = lora_files(options.lora_dir)
     check_lora_names(list(named), options.loras, options.turbo)  # before any actor starts
     store = JobStore(settings.data_dir)
+    store.lock()
     pool = RayWorkers(store, address, options, named, workers, gpus_per_worker, cpus_per_worker)
     description = pool.connect()
     return create_app(store, [pool], _settings_from(description, settings))

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -189,6 +190,11 @@ class RayWorkers:
             except Exception:  # a cluster hiccup: try again later
                 log.exception("cannot size the Ray worker pool")
 
+    def alive(self) -> bool:
+        """Whether every slot thread (and the pool's grower) runs: GET /healthz says 503 when not."""
+        threads = [*self._slots, *([self._grower] if self._grower is not None else [])]
+        return all(thread.is_alive() for thread in threads)
+
     def status(self) -> list[dict[str, Any]]:
         """One entry per worker: name, pid, host, the job it runs."""
         return [slot.status() for slot in self._slots]
@@ -226,6 +232,7 @@ class _Slot(threading.Thread):
         self.info: dict[str, Any] = {}
         self.job: str | None = None
         self.error: str | None = None  # why the last actor could not start
+        self.store_error: str | None = None  # the store failed while following the current job (not the actor)
 
     def status(self) -> dict[str, Any]:
         """This worker's name, pid, host and current job (pid None while its actor starts)."""
@@ -295,6 +302,9 @@ class _Slot(threading.Thread):
             status = store.requeue(job_id, error_line(exc))
             log.warning("job %s: Ray worker %d lost (%s); job %s", job_id, self.index, error_line(exc), status)
             return
+        if self.store_error:  # the slot's loop requeues the job (still this slot's `job`); the actor lives on
+            error, self.store_error = self.store_error, None
+            raise RuntimeError(f"job {job_id}: this process's job store failed: {error}")
         try:
             if outcome["status"] == "succeeded":
                 complete(store, job_id, outcome["result"])
@@ -321,9 +331,13 @@ class _Slot(threading.Thread):
                     raise
                 continue
             unreachable_since = None
-            if latest is not None:
-                running = record_step(store, job_id, *latest) and running
-            elif running:
-                running = store.status_of(job_id) == RUNNING
+            try:
+                if latest is not None:
+                    running = record_step(store, job_id, *latest) and running
+                elif running:
+                    running = store.status_of(job_id) == RUNNING
+            except sqlite3.Error as exc:  # this process's store failed, not the actor: stop the job, keep the actor
+                log.error("job %s: cannot record its progress (%s); stopping it", job_id, error_line(exc))
+                self.store_error, running = error_line(exc), False
             if done:
                 return

@@ -29,9 +29,13 @@ def error_line(exc: BaseException) -> str:
 
 
 def record_step(store: JobStore, job_id: str, step: int, total: int, preview: bytes | None) -> bool:
-    """A step report: the preview picture replaced, the step recorded. False when the job is no longer running."""
+    """A step report: the preview picture replaced (best effort: a failed write, e.g. a full disk, is logged and the
+    job goes on), the step recorded. False when the job is no longer running."""
     if preview is not None:
-        write_bytes(store.preview_path(job_id), preview)
+        try:
+            write_bytes(store.preview_path(job_id), preview)
+        except OSError as exc:
+            log.warning("job %s: preview not written (%s)", job_id, error_line(exc))
     return store.progress(job_id, step, total)
 
 
@@ -40,8 +44,8 @@ def complete(store: JobStore, job_id: str, result: JobResult) -> None:
     when it was cancelled meanwhile)."""
     if store.status_of(job_id) != RUNNING:
         return
-    write_bytes(store.poster_path(job_id), result.poster)
-    write_bytes(store.video_path(job_id), result.video)
+    write_bytes(store.poster_path(job_id), result.poster, durable=True)
+    write_bytes(store.video_path(job_id), result.video, durable=True)  # on disk before the job says succeeded
     if not store.finish(job_id, SUCCEEDED):
         store.video_path(job_id).unlink(missing_ok=True)
     log.info("job %s: succeeded", job_id)
@@ -49,15 +53,17 @@ def complete(store: JobStore, job_id: str, result: JobResult) -> None:
 
 def run_next_job(store: JobStore, worker: Any) -> None:
     """Claim the next queued job (or wait a moment for one) and run it with `worker.run_job`, its id in
-    `worker.job` meanwhile: one step of the loop of a local worker and of a Ray actor slot."""
+    `worker.job` meanwhile: one step of the loop of a local worker and of a Ray actor slot. When run_job raises
+    (its outcome could not be recorded), `worker.job` still names the job, for the caller to requeue it."""
+    if worker.job is not None:  # the last job's outcome could not be recorded (a store or disk error): run again
+        store.requeue(worker.job, "its outcome could not be recorded")
+        worker.job = None
     job = store.claim_or_wait()
     if job is None:
         return
     worker.job = job.id
-    try:
-        worker.run_job(job.id, job.params)
-    finally:
-        worker.job = None
+    worker.run_job(job.id, job.params)
+    worker.job = None
 
 
 class Worker(threading.Thread):
@@ -74,14 +80,26 @@ class Worker(threading.Thread):
         """This worker's name, pid, host and current job (the same fields as a Ray pool's workers)."""
         return [{"name": self.name, "pid": os.getpid(), "host": socket.gethostname(), "job": self.job}]
 
+    def alive(self) -> bool:
+        """Whether the thread runs (GET /healthz says 503 when not)."""
+        return self.is_alive()
+
     def stop(self) -> None:
         self._stop_event.set()
         with self.store.changed:
             self.store.changed.notify_all()
 
     def run(self) -> None:
-        while not self._stop_event.is_set():
-            run_next_job(self.store, self)
+        """Jobs until stopped; an error of the store or the disk (SQLite locked, disk full) is logged and retried
+        with backoff, never the end of the thread (its job would stay `running` and the queue would wait forever)."""
+        delay = 0.0
+        while not self._stop_event.wait(delay):
+            try:
+                run_next_job(self.store, self)
+                delay = 0.0
+            except Exception:
+                delay = min(30.0, max(0.5, delay * 2))
+                log.exception("worker %s: store or disk error; retrying in %.1f s", self.name, delay)
 
     def run_job(self, job_id: str, params: dict[str, Any]) -> None:
         """One job on this worker's pipeline, to its outcome in the store (a failure never kills the worker)."""
@@ -89,11 +107,18 @@ class Worker(threading.Thread):
         def report(step: int, total: int, preview: bytes | None) -> bool:
             return record_step(self.store, job_id, step, total, preview) and not self._stop_event.is_set()
 
+        failure = None
         try:
             log.info("job %s: running", job_id)
-            complete(self.store, job_id, self.runner.run(params, read_inputs(params), report))
+            result = self.runner.run(params, read_inputs(params), report)
         except JobCancelled:
             log.info("job %s: stopped (%s)", job_id, "server stopping" if self._stop_event.is_set() else "cancelled")
+            return
         except Exception as exc:  # a failed job must not kill the worker
             log.exception("job %s failed", job_id)
-            self.store.finish(job_id, FAILED, error_line(exc))
+            failure = error_line(exc)
+        # recorded outside the handler: an error here (disk full) reaches run()'s backoff with the job still named
+        if failure is None:
+            complete(self.store, job_id, result)
+        else:
+            self.store.finish(job_id, FAILED, failure)

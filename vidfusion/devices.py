@@ -13,6 +13,14 @@ def resolve_device(device: str | None = None) -> str:
         torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a valid device (e.g. cpu, cuda, cuda:1)") from None
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device (torch {torch.__version__}); install the "
+                         "CUDA build of torch, or leave --device out to run on the CPU")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; leave --device out to run on the CPU")
     return device
 
 

@@ -3,8 +3,12 @@ what the cache already holds. Checkpoints (loading.py) and LoRAs (lora_formats.p
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..errors import CheckpointNotFoundError
 
@@ -21,17 +25,35 @@ def hub_folder(repo_id: str, wanted: Callable[[list[str]], list[str]], revision:
     that, a CheckpointNotFoundError says how to work offline."""
     from huggingface_hub import HfApi, snapshot_download
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not hub_reachable()
     try:
+        if offline:  # no retries against a network that is not there: the cache, or one line saying what to do
+            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
         files = HfApi().list_repo_files(repo_id, revision=revision)
     except Exception as exc:
         try:
             return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
         except Exception:
+            reason = "the Hub cannot be reached (no network)" if offline else \
+                f"the Hub answered {type(exc).__name__}: {str(exc)[:200]}"
             raise CheckpointNotFoundError(
-                f"could not get {what} '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: "
-                f"{str(exc)[:200]}). Without network access, download it elsewhere (huggingface-cli download "
-                f"{repo_id}) and pass its local folder or file") from None
+                f"{what} '{repo_id}' is not in the local Hugging Face cache and {reason}. On a machine with network: "
+                f"`hf download {repo_id}`, then copy the cache (~/.cache/huggingface) here or pass the downloaded "
+                "folder; with the files cached, HF_HUB_OFFLINE=1 skips the network") from None
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted(files)))
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the Hub's host ($HF_ENDPOINT), once per process: "no network" is found in
+    seconds instead of after huggingface_hub's retries."""
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:

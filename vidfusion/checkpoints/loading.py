@@ -101,6 +101,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, variant: str | None = No
     if path.is_dir():
         return path
     text = str(name_or_path)
+    if path.is_file():
+        raise CheckpointNotFoundError(f"'{text}' is a file; a model is a checkpoint folder (model_index.json, "
+                                      "unet/, vae/, ...) or a hub id: pass its folder")
     if not looks_like_repo_id(text):
         raise CheckpointNotFoundError(f"checkpoint folder '{text}' does not exist (pass a folder or a hub id)")
     return _hub_files(text, variant, revision)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError
 from ..models.layers import use_channels_last_weights
 from ..models.tiny_vae import TinyDecoder, TinyVideoDecoder
 from .hub import hub_folder, looks_like_repo_id
@@ -29,6 +29,9 @@ def load_tiny_decoder(source: str | os.PathLike = "madebyollin/taesd", dtype: to
     (or a folder / hub id holding it, e.g. madebyollin/taesdv). Missing or extra decoder keys are an error naming
     them."""
     path = Path(source).expanduser()
+    if not path.exists() and not looks_like_repo_id(str(source)):
+        raise CheckpointNotFoundError(f"tiny decoder '{source}' does not exist (a taesd_decoder.pth / taesdv.pth "
+                                      "file, an AutoencoderTiny folder or a hub id such as madebyollin/taesd)")
     if not path.exists() and looks_like_repo_id(str(source)):
         path = hub_folder(str(source), lambda files: [f for f in files if f in (
             "config.json", "diffusion_pytorch_model.safetensors", "taesdv.pth")], what="tiny decoder")

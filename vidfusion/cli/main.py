@@ -12,17 +12,12 @@ import traceback
 from pathlib import Path
 
 from .args import UsageError, build_parser, given_options
+from .checks import check_at_least_one, check_inputs, check_out, check_port_free
 
 
 def slugify(text: str, limit: int = 60) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
     return slug or "video"
-
-
-def _check_at_least_one(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -32,11 +27,12 @@ def _serve(args: argparse.Namespace) -> None:
     if not is_loopback(args.host) and token is None:
         raise ValueError(f"refusing to serve on non-loopback host {args.host!r} without a token: pass --token or "
                          "set VIDFUSION_TOKEN")
-    _check_at_least_one(args, "max_queue", "max_frames", "max_pixels", "workers", "max_output_frames")
+    check_at_least_one(args, "max_queue", "max_frames", "max_pixels", "workers", "max_output_frames")
     if args.keep_days is not None and not args.keep_days > 0:
         raise ValueError(f"--keep-days must be above 0, got {args.keep_days}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    check_port_free(args.host, args.port)
     if args.ray is None and (args.workers or args.gpus_per_worker or args.cpus_per_worker):
         raise ValueError("--workers, --gpus-per-worker and --cpus-per-worker need --ray (local, auto or an address)")
     if args.ray is not None and args.device:
@@ -140,7 +136,8 @@ LORA_KEYS = ("loras", "lora_weight_name", "lora_target", "lora_scale")
 
 def _settings_from_video(args: argparse.Namespace, given: set[str]) -> None:
     """`generate --from VIDEO`: every setting stored in the video that the command line does not set itself (`given`:
-    the options typed, whatever their value; `--no-loop`, `--no-turbo`, `--no-lora` switch stored ones off)."""
+    the options typed, whatever their value; `--no-loop`, `--no-turbo`, `--no-lora` switch stored ones off). The
+    stored ones are added to `given`."""
     from ..media.metadata import CLI_ARGUMENTS
     from ..media.video_io import read_metadata
 
@@ -156,6 +153,7 @@ def _settings_from_video(args: argparse.Namespace, given: set[str]) -> None:
             if key == "loras":
                 value = [f"{lora['path']}:{lora['weight']}" for lora in value]
             setattr(args, attr, value)
+            given.add(attr)  # from the file counts as given (e.g. a video-to-video's first frames)
 
 
 def _metadata(args: argparse.Namespace, ran: dict, seed: int, fps: int) -> dict:
@@ -173,7 +171,7 @@ def _metadata(args: argparse.Namespace, ran: dict, seed: int, fps: int) -> dict:
 def _batch(args: argparse.Namespace) -> int:
     from ..scale.batch import read_rows, run, summary
 
-    _check_at_least_one(args, "workers", "max_attempts")
+    check_at_least_one(args, "workers", "max_attempts")
     if args.max_retries < 0:
         raise ValueError("--max-retries must be at least 0")
     total = len(read_rows(args.input))  # input errors before anything loads
@@ -218,10 +216,9 @@ def _generate(args: argparse.Namespace) -> list[str]:
     videos = 1 if upscale else args.num_videos
     out = Path(args.out) if args.out else _free_output(f"{slugify(args.prompt)}{'-upscaled' if upscale else ''}",
                                                         videos or 1)
-    _check_out(out)
-    if init_video is not None and not Path(init_video).is_file():
-        raise FileNotFoundError(f"input video '{init_video}' does not exist")
-    _check_at_least_one(args, "steps", "fps", *([] if upscale else ["frames", "num_videos"]))
+    check_out(out)
+    check_inputs(args, init_video)
+    check_at_least_one(args, "steps", "fps", *([] if upscale else ["frames", "num_videos"]))
     fps = args.fps or (round(video_fps(init_video)) if init_video else 8)
     options = _sampling_options(args)
     options.update(height=args.height, width=args.width)
@@ -232,12 +229,16 @@ def _generate(args: argparse.Namespace) -> list[str]:
         if init_video is None:
             options.update(num_frames=args.frames, free_init_iterations=args.free_init_iterations,
                            free_init_filter=args.free_init_filter, image=args.image, last_image=args.last_image)
+        elif "frames" in args.given:  # video-to-video on the input's first frames
+            from ..media.video_io import read_video
+
+            options["video"] = read_video(init_video, max_frames=args.frames)
     prompt = args.prompt if upscale else _keyframes(args.prompt, args.keyframe)
-    pipe = _load(VideoToVideoPipeline if init_video else TextToVideoPipeline, args)
+    pipe = _load(VideoToVideoPipeline if init_video is not None else TextToVideoPipeline, args)
     seed = args.seed if args.seed is not None else random.randrange(2**63)  # recorded, so the video can be remade
     generator = [torch.Generator().manual_seed(seed + i) for i in range(videos)]  # video i: seed + i
-    if init_video:
-        options.update(video=init_video, strength=args.strength)
+    if init_video is not None:
+        options.update(video=options.get("video", init_video), strength=args.strength)
     output = pipe(prompt, negative_prompt=args.negative_prompt, generator=generator, **options)
     paths = [export_to_video(clip, path, fps=fps, interpolate_fps=args.interpolate_fps,
                              metadata=_metadata(args, output.settings, seed + i, fps))
@@ -245,15 +246,6 @@ def _generate(args: argparse.Namespace) -> list[str]:
     seeds = f"{seed}" if videos == 1 else f"{seed}..{seed + videos - 1} (one per video)"
     print(f"vidfusion: seed {seeds}; remake with --seed or --from {paths[0]}", file=sys.stderr)
     return paths
-
-
-def _check_out(out: Path) -> None:
-    from ..media.video_io import CODECS
-
-    if out.suffix.lower() not in CODECS:
-        raise ValueError(f"--out must end in one of {', '.join(CODECS)}, got '{out}'")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"output folder '{out.parent}' does not exist")
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:
@@ -286,9 +278,13 @@ def _extend(args: argparse.Namespace) -> str:
 
     if not Path(args.video).is_file():
         raise FileNotFoundError(f"input video '{args.video}' does not exist")
+    if "model" not in args.given:  # the model the video was made with, when vidfusion made it
+        from ..media.video_io import read_metadata
+
+        args.model = read_metadata(args.video).get("model") or args.model
     out = Path(args.out) if args.out else _free_output(f"{Path(args.video).stem}-extended", 1)
-    _check_out(out)
-    _check_at_least_one(args, "steps", "frames", "overlap", "fps")
+    check_out(out)
+    check_at_least_one(args, "steps", "frames", "overlap", "fps")
     fps = args.fps or round(video_fps(args.video))
     pipe = _load(TextToVideoPipeline, args)
     seed = args.seed if args.seed is not None else random.randrange(2**63)
@@ -315,6 +311,9 @@ def _free_output(stem: str, count: int) -> Path:
     raise FileExistsError(f"no free output name like ./{stem}.mp4; pass --out")
 
 
+# optional dependencies -> the extra that installs them (a missing one is an install mistake: exit 2)
+OPTIONAL_PACKAGES = {"peft": "train", "ray": "ray", "bitsandbytes": "train"}
+
 # a failure while running that a user can do something about: the hint printed with it
 OUT_OF_MEMORY_HINT = ("out of memory: try --offload model (or sequential), --vae-slicing, --dtype float16 on a GPU, "
                       "or a smaller --width / --height / --frames")
@@ -338,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         args = parser.parse_args(argv)
         debug = debug or getattr(args, "debug", False)
+        args.given = given_options(argv) if args.command in ("generate", "upscale", "extend") else set()
         if args.command == "generate" and args.from_file:
-            _settings_from_video(args, given_options(argv))
+            _settings_from_video(args, args.given)
         if args.command == "extend":
             print(_extend(args))
         elif args.command in ("generate", "upscale"):
@@ -374,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         message = " ".join(str(exc).split())
         print(f"vidfusion: error: {message}", file=sys.stderr)
+    except ModuleNotFoundError as exc:
+        if exc.name not in OPTIONAL_PACKAGES:
+            print(_failure_line(exc), file=sys.stderr)
+            return 1
+        print(f"vidfusion: error: this command needs the optional package {exc.name}: "
+              f"pip install 'vidfusion[{OPTIONAL_PACKAGES[exc.name]}]'", file=sys.stderr)
     except KeyboardInterrupt:
         print("vidfusion: interrupted", file=sys.stderr)
         return 130

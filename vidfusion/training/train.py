@@ -259,23 +259,38 @@ def _validate(run: _Run, opts: TrainOptions, frames: int, out: Path) -> None:
 
 
 def train_lora(data: str | os.PathLike, out_dir: str | os.PathLike, **options: Any) -> Path:
-    """Train a LoRA on the clips in `data`; returns DIR/pytorch_lora_weights.safetensors. Options: TrainOptions."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from ..sampling.schedules import alphas_cumprod as schedule_alphas
-
+    """Train a LoRA on the clips in `data`; returns DIR/pytorch_lora_weights.safetensors. Options: TrainOptions.
+    A run that fails before writing anything leaves no output folder behind."""
     unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__))
     if unknown:
         raise TypeError(f"train_lora() got unknown options: {', '.join(unknown)}")
     opts = TrainOptions(**options)
     _check_options(opts)
+    import peft  # noqa: F401  (the optional dependency: missing, the command says which extra to install)
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pairs = find_clips(data, opts.prompt)
     clips, frames = load_clips(pairs, opts.frames, opts.fps, opts.height, opts.width)
     options_record = saved_options(opts, data, frames)
-    resume_from = prepare_out(out, opts, options_record)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        resume_from = prepare_out(out, opts, options_record)
+        return _train(out, opts, pairs, clips, frames, options_record, resume_from)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a failed command leaves no empty folder behind
+            out.rmdir()
+        raise
+
+
+def _train(out: Path, opts: TrainOptions, pairs: list, clips: Any, frames: int, options_record: dict[str, Any],
+           resume_from: Path | None) -> Path:
+    """The training loop of train_lora (its arguments checked, its data loaded)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from ..sampling.schedules import alphas_cumprod as schedule_alphas
+
     alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
     run = _start_run(opts, [caption for _, caption in pairs], clips, alpha)
     if resume_from is not None:

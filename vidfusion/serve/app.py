@@ -15,9 +15,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
 from ..sampling.names import SAMPLER_NAMES
+from .contract import Health, Job, JobList, LoraList, install_handlers, responses
 from .guard import RequestGuard, allowed_hosts
 from .jobs import FINISHED, STATUSES, JobStore
-from .params import ServeSettings, VideoRequest, submit_job, video_params
+from .params import ServeSettings, VideoRequest, limited, submit_job, video_params
 from .ui import render_ui
 from .uploads import add_upload_route, upload_body_limit
 
@@ -55,6 +56,13 @@ async def _job_events(store: JobStore, job_id: str, request: Request) -> AsyncIt
             idle = 0.0
 
 
+# a created job's id leads to its other operations (generated clients and stateful tests follow these)
+JOB_LINKS = {name: {"operationId": name, "parameters": {"job_id": "$response.body#/id"}}
+             for name in ("get_video", "cancel_video", "video_content", "video_events", "video_poster",
+                          "video_preview")}
+COMMON = (400, 401, 403, 405)  # what any /v1 operation may answer before its own checks (guard, token, method)
+
+
 def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
     """The REST jobs API under /v1."""
     api = APIRouter(prefix="/v1", dependencies=[Depends(_token_check(settings))])
@@ -65,29 +73,36 @@ def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
             raise HTTPException(404, f"no job with id {job_id!r}")
         return job
 
-    @api.post("/videos", status_code=202)
     def create_video(body: VideoRequest,
                      idempotency_key: str | None = Header(default=None, max_length=200)) -> dict[str, Any]:
+        """Queue a video job (JSON body). A retry with the same Idempotency-Key returns the same job."""
         return submit_job(store, video_params(body, settings), idempotency_key, settings)
 
-    add_upload_route(api, store, settings)
+    create_video.__annotations__["body"] = limited(VideoRequest, settings)  # this server's limits in the schema
+    api.post("/videos", status_code=202, response_model=Job, operation_id="create_video",
+             responses={202: {"description": "Queued", "links": JOB_LINKS},
+                        **responses(*COMMON, 409, 413, 415, 422, 429)})(create_video)
 
-    @api.get("/loras")
+    add_upload_route(api, store, settings, JOB_LINKS)
+
+    @api.get("/loras", operation_id="list_loras", response_model=LoraList, responses=responses(*COMMON))
     def list_loras() -> dict[str, Any]:
         """The adapters a request may name in `loras` (with a weight), and those every job uses."""
         base = settings.video_metadata.get("loras", [])
         return {"object": "list", "data": [{"name": name} for name in settings.loras], "base": base}
 
-    @api.get("/videos")
+    @api.get("/videos", operation_id="list_videos", response_model=JobList, responses=responses(*COMMON, 422))
     def list_videos(status: Literal[STATUSES] | None = None,  # type: ignore[valid-type]
                     limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
         return {"object": "list", "data": [job.to_json() for job in store.list(status, limit)]}
 
-    @api.get("/videos/{job_id}")
+    @api.get("/videos/{job_id}", operation_id="get_video", response_model=Job, responses=responses(*COMMON, 404))
     def get_video(job_id: str) -> dict[str, Any]:
         return find(job_id).to_json()
 
-    @api.get("/videos/{job_id}/content", response_class=FileResponse)
+    @api.get("/videos/{job_id}/content", operation_id="video_content", response_class=FileResponse, responses={
+        200: {"content": {"video/mp4": {}}, "description": "The mp4 (Range requests resume a download)"},
+        **responses(*COMMON, 404)})
     def video_content(job_id: str) -> FileResponse:
         job = find(job_id)
         path = store.video_path(job.id)
@@ -101,26 +116,32 @@ def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
             raise HTTPException(404, f"job {job.id} has no {what} yet (status: {job.status})")
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-store"})
 
-    @api.get("/videos/{job_id}/preview", response_class=FileResponse)
+    @api.get("/videos/{job_id}/preview", operation_id="video_preview", response_class=FileResponse, responses={
+        200: {"content": {"image/png": {}}, "description": "PNG"}, **responses(*COMMON, 404)})
     def video_preview(job_id: str) -> FileResponse:
         """The latest step's latent preview (PNG, the middle frame): while a job runs and after."""
         job = find(job_id)
         return image(store.preview_path(job.id), job, "preview", "image/png")
 
-    @api.get("/videos/{job_id}/poster", response_class=FileResponse)
+    @api.get("/videos/{job_id}/poster", operation_id="video_poster", response_class=FileResponse, responses={
+        200: {"content": {"image/jpeg": {}}, "description": "JPEG"}, **responses(*COMMON, 404)})
     def video_poster(job_id: str) -> FileResponse:
         """A frame of the finished video (JPEG)."""
         job = find(job_id)
         return image(store.poster_path(job.id), job, "poster", "image/jpeg")
 
-    @api.delete("/videos/{job_id}")
+    @api.delete("/videos/{job_id}", operation_id="cancel_video", response_model=Job,
+                responses=responses(*COMMON, 404, 409))
     def cancel_video(job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job (409 when it has finished)."""
         job = find(job_id)
         if job.status in FINISHED:
             raise HTTPException(409, f"job {job.id} has already finished (status: {job.status})")
         return store.cancel(job.id).to_json()
 
-    @api.get("/videos/{job_id}/events")
+    @api.get("/videos/{job_id}/events", operation_id="video_events", response_class=StreamingResponse, responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The job's JSON at each change, until finished"},
+        **responses(*COMMON, 404)})
     async def video_events(job_id: str, request: Request) -> StreamingResponse:
         find(job_id)
         return StreamingResponse(_job_events(store, job_id, request), media_type="text/event-stream",
@@ -161,11 +182,13 @@ def create_app(store: JobStore, workers: Sequence[Any], settings: ServeSettings)
                   description="Text-to-video jobs: submit, watch progress, download the mp4.")
     app.state.store = store
     app.include_router(_jobs_api(store, settings))
+    install_handlers(app)
     app.add_middleware(RequestGuard, hosts=allowed_hosts(settings.host),
                        upload_limit=upload_body_limit(settings))
     token_ok = _token_check(settings)
 
-    @app.get("/healthz", responses={503: {"description": "a worker is dead"}})
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "a worker died"},
+                                                           **responses(400)})
     def healthz(authorization: str | None = Header(default=None)) -> JSONResponse:
         """`ok` while every worker runs (503 `degraded` when one died); with the token (or on a server without one)
         also the model, the workers (name, pid, host, job) and the queue length."""

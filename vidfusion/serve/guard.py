@@ -17,6 +17,8 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict]], Callable[[dic
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 JSON_BODY_LIMIT = 256 * 1024  # POST /v1/videos: parameters only
+CONTENT_TYPES = {"/v1/videos": ("application/json",),  # what each POST route's body may be
+                 "/v1/videos/upload": ("multipart/form-data", "application/x-www-form-urlencoded")}
 
 
 def is_loopback(host: str) -> bool:
@@ -45,8 +47,9 @@ def allowed_hosts(bind_host: str) -> frozenset[str] | None:
 
 
 class RequestGuard:
-    """The middleware: 400 for a Host this server is not, 403 for a cross-site /v1 call, 413 for a body over
-    `upload_limit` bytes on the upload route (over JSON_BODY_LIMIT elsewhere)."""
+    """The middleware: 400 for a Host this server is not, 403 for a cross-site /v1 call, 415 for a POST body of
+    another type than its route takes, 413 for a body over `upload_limit` bytes on the upload route (over
+    JSON_BODY_LIMIT elsewhere)."""
 
     def __init__(self, app: ASGIApp, hosts: frozenset[str] | None, upload_limit: int):
         self.app, self.hosts, self.upload_limit = app, hosts, upload_limit
@@ -64,6 +67,11 @@ class RequestGuard:
         if path.startswith("/v1") and origin is not None and not _same_origin(origin, host):
             return await _refuse(send, 403, f"cross-site request from {origin!r} refused: only this server's own "
                                             "page may call /v1 from a browser")
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        wanted = CONTENT_TYPES.get(path) if scope.get("method") == "POST" else None
+        if wanted is not None and kind not in wanted:
+            return await _refuse(send, 415, f"{path} takes {' or '.join(wanted)}, not "
+                                            f"{kind or 'a body without a Content-Type'}")
         limit = self.upload_limit if path == "/v1/videos/upload" else JSON_BODY_LIMIT
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from ..sampling.names import SAMPLER_NAMES
 from ..sampling.step_cache import NO_CACHE_NAMES
@@ -66,7 +66,6 @@ class VideoRequest(BaseModel):
     fps: int = Field(default=8, ge=1, le=60)
     interpolate_fps: int | None = Field(default=None, ge=2, le=120)  # motion-interpolated to this rate
     loras: list[LoraChoice] = Field(default_factory=list, max_length=16)  # per-request adapters (--lora-dir)
-    strength: float | None = Field(default=None, ge=0.0, le=1.0)  # video inputs: 0 keeps the video, 1 ignores it
     cache: Literal["deepcache", "faster-diffusion"] | None = None  # step caching (multi-step samplers)
     cache_interval: int = Field(default=3, ge=1, le=50)  # deepcache: a full UNet step every N steps
     cache_branch: int = Field(default=0, ge=0, le=32)  # deepcache: the skip branch cached below (0: fastest)
@@ -77,6 +76,30 @@ class VideoRequest(BaseModel):
         if not value.strip():
             raise ValueError("prompt must not be blank")
         return value
+
+
+class UploadRequest(VideoRequest):
+    """The `params` of POST /v1/videos/upload: a video's fields, and `strength` for an uploaded `video`."""
+
+    strength: float | None = Field(default=None, ge=0.0, le=1.0)  # video inputs: 0 keeps the video, 1 ignores it
+
+
+def limited(model: type[VideoRequest], settings: ServeSettings) -> type[VideoRequest]:
+    """`model` with this server's limits in its schema (the OpenAPI contract states them, a generated client
+    validates before sending): num_frames up to --max-frames, sides up to what --max-pixels allows, the samplers
+    its model runs, the LoRAs it has. What a schema cannot state (height x width, interpolated length, decodable
+    files) stays a 422 naming the field."""
+    side = max(8, settings.max_pixels // 8 // 8 * 8)
+    samplers = tuple(s for s in settings.sampler_defaults if s) or SAMPLER_NAMES
+    fields: dict[str, Any] = {
+        "num_frames": (int, Field(default=min(16, settings.max_frames), ge=1, le=settings.max_frames)),
+        "height": (int | None, Field(default=None, ge=8, le=side, multiple_of=8)),
+        "width": (int | None, Field(default=None, ge=8, le=side, multiple_of=8)),
+        "sampler": (Literal[samplers] | None, None),  # type: ignore[valid-type]
+    }
+    if not settings.loras:
+        fields["loras"] = (list[LoraChoice], Field(default_factory=list, max_length=0))
+    return create_model(model.__name__, __base__=model, __doc__=model.__doc__, **fields)
 
 
 def field_error(field: str, message: str) -> HTTPException:
@@ -101,8 +124,8 @@ def video_params(body: VideoRequest, settings: ServeSettings, source: SourceVide
     params = body.model_dump()
     if source is not None:
         _video_defaults(params, body.model_fields_set, source, settings)
-    elif params["strength"] is not None:
-        raise field_error("strength", "strength applies to a video input: upload a `video` to /v1/videos/upload")
+    elif params.pop("strength", None) is not None:
+        raise field_error("strength", "strength applies to a video input: upload a `video` with it")
     params["height"] = params["height"] or settings.default_height
     params["width"] = params["width"] or settings.default_width
     table = settings.video_sampler_defaults if source is not None else settings.sampler_defaults

@@ -8,15 +8,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from ..media.fileio import atomic_file, write_bytes
 from ..media.video_io import UPLOAD_FORMATS, probe_video
+from .contract import Job, responses
 from .jobs import JobStore
-from .params import ServeSettings, SourceVideo, VideoRequest, field_error, submit_job, video_params
+from .params import ServeSettings, SourceVideo, UploadRequest, field_error, limited, submit_job, video_params
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".m4v")
 
@@ -88,33 +89,45 @@ def upload_body_limit(settings: ServeSettings) -> int:
     return int(3 * settings.max_upload_mb * 2**20) + 2**20
 
 
-def add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings) -> None:
-    """POST /v1/videos/upload: a job with input files (multipart)."""
+def add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings, links: dict[str, Any]) -> None:
+    """POST /v1/videos/upload: a job with input files (multipart); `links`: the created job's operations."""
 
-    @api.post("/videos/upload", status_code=202)
-    async def create_video_with_inputs(request: Request,
-                                       idempotency_key: str | None = Header(default=None, max_length=200)
-                                       ) -> dict[str, Any]:
-        """multipart/form-data: `params` (the JSON body of POST /v1/videos, with `strength` for a video), a `video`
-        file (video-to-video; height/width resize it, e.g. to upscale) and/or `image` / `last_image` files (the
-        first / last frame, training-free conditioning). The inputs are kept with the job, so a re-run after a crash
-        uses them; a request that is refused leaves none behind."""
-        form = await request.form()
+    upload_model = limited(UploadRequest, settings)  # parsed from the `params` text, so no annotation is needed
+
+    @api.post("/videos/upload", status_code=202, response_model=Job, operation_id="create_video_with_inputs",
+              responses={202: {"description": "Queued", "links": links},
+                         **responses(400, 401, 403, 405, 409, 413, 415, 422, 429)})
+    async def create_video_with_inputs(
+        request: Request,
+        params: str = Form(default="{}", max_length=20000, description=(
+            "The JSON body of POST /v1/videos, as text, and `strength` (0 keeps an uploaded video, 1 ignores it), "
+            'e.g. {"prompt": "a cat, oil painting", "strength": 0.6}'), json_schema_extra={
+            "contentMediaType": "application/json"}),
+        video: UploadFile = File(default=None, description="video-to-video (height/width resize it)"),
+        image: UploadFile = File(default=None, description="the first frame (training-free conditioning)"),
+        last_image: UploadFile = File(default=None, description="the last frame"),
+        idempotency_key: str | None = Header(default=None, max_length=200),
+    ) -> dict[str, Any]:
+        """A job with input files (multipart/form-data): `params`, and a `video` and/or `image` / `last_image`.
+        The inputs are kept with the job, so a re-run after a crash uses them; a request that is refused leaves
+        none behind."""
+        form = await request.form()  # parsed once already (cached), under the guard's body cap
         unknown = sorted(set(form) - set(UPLOAD_FIELDS))
         if unknown:
             raise field_error(unknown[0], f"unknown form field {unknown[0]!r}; fields are {', '.join(UPLOAD_FIELDS)}"
                                            " (request fields go inside `params`)")
         try:
-            body = VideoRequest.model_validate_json(form.get("params") or "{}")
+            body = upload_model.model_validate_json(params or "{}")
         except ValidationError as exc:
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+            raise RequestValidationError([{**e, "loc": ("body", "params", *e["loc"])} for e in exc.errors()]
+                                         ) from None
+        uploads = {"video": video, "image": image, "last_image": last_image}
         held: list[str] = []  # input files this request holds (JobStore.hold_input)
         refused = True
         try:
             files = {}
-            for name in ("video", "image", "last_image"):
-                upload = form.get(name)
-                if upload is not None and hasattr(upload, "read"):
+            for name, upload in uploads.items():
+                if upload is not None:
                     _check_upload_size(upload.size or 0, name, settings.max_upload_mb)  # spooled, not yet in memory
                     files[name] = (await upload.read(), upload.filename)
             source = None

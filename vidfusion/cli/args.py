@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-turbo", dest="turbo", action="store_false", default=argparse.SUPPRESS,
                      help="with --from: without T2V-Turbo (and without the sampler, steps and guidance it implied)")
     gen.add_argument("--no-lora", action="store_true", help="with --from: without the LoRAs the video records")
+    _add_server_options(gen, "run on this vidfusion server instead of here (input files are uploaded)")
 
     up = sub.add_parser("upscale", help="resize a video, then refine it with video-to-video (Zeroscope XL recipe)")
     up.add_argument("video")
@@ -180,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--fuse", action="store_true", help="merge the --lora / --turbo adapters into the weights")
     _add_lora_options(conv)
 
+    jobs = sub.add_parser("jobs", help="list, show, cancel or download the jobs of a vidfusion server")
+    jobs.add_argument("action", choices=("list", "show", "cancel", "download"))
+    jobs.add_argument("job", nargs="?", default=None, help="job id (show, cancel, download)")
+    jobs.add_argument("--out", default=None, help="download: the file (default ./vidfusion-JOB.mp4)")
+    jobs.add_argument("--status", default=None, choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    jobs.add_argument("--limit", type=int, default=50)
+    _add_server_options(jobs, "the server (default: $VIDFUSION_SERVER)")
+
     info = sub.add_parser("info", help="print the generation settings stored in a video vidfusion wrote")
     info.add_argument("video")
     info.add_argument("--json", action="store_true", help="one JSON object")
@@ -190,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--fp16-variant", action="store_true", help="also write *.fp16.safetensors")
     return parser
+
+
+def _add_server_options(p: argparse.ArgumentParser, server_help: str) -> None:
+    p.add_argument("--server", default=os.environ.get("VIDFUSION_SERVER") or None, metavar="URL",
+                   help=f"{server_help} (default: $VIDFUSION_SERVER)")
+    p.add_argument("--token", default=os.environ.get("VIDFUSION_TOKEN") or None,
+                   help="the server's bearer token (default: $VIDFUSION_TOKEN)")
 
 
 def given_options(argv: list[str]) -> set[str]:

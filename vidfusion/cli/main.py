@@ -201,14 +201,6 @@ def _info(args: argparse.Namespace) -> str:
 
 
 def _generate(args: argparse.Namespace) -> list[str]:
-    import random
-
-    import torch
-
-    from ..media.video_io import export_to_video, video_fps
-    from ..pipelines.text_to_video import TextToVideoPipeline
-    from ..pipelines.video2video import VideoToVideoPipeline
-
     upscale = args.command == "upscale"
     if args.prompt is None:
         raise ValueError("pass a prompt (or --from VIDEO to regenerate a video vidfusion wrote)")
@@ -219,6 +211,23 @@ def _generate(args: argparse.Namespace) -> list[str]:
     check_out(out)
     check_inputs(args, init_video)
     check_at_least_one(args, "steps", "fps", *([] if upscale else ["frames", "num_videos"]))
+    if getattr(args, "server", None):
+        from .remote import generate_remote
+
+        return generate_remote(args, out)
+    return _generate_here(args, init_video, out, videos)
+
+
+def _generate_here(args: argparse.Namespace, init_video: str | None, out: Path, videos: int) -> list[str]:
+    import random
+
+    import torch
+
+    from ..media.video_io import export_to_video, video_fps
+    from ..pipelines.text_to_video import TextToVideoPipeline
+    from ..pipelines.video2video import VideoToVideoPipeline
+
+    upscale = args.command == "upscale"
     fps = args.fps or (round(video_fps(init_video)) if init_video else 8)
     options = _sampling_options(args)
     options.update(height=args.height, width=args.width)
@@ -346,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(_generate(args)))
         elif args.command == "info":
             print(_info(args))
+        elif args.command == "jobs":
+            from .remote import jobs_command
+
+            print(jobs_command(args))
         elif args.command == "batch":
             return _batch(args)
         elif args.command == "convert":

@@ -63,6 +63,40 @@ JOB_LINKS = {name: {"operationId": name, "parameters": {"job_id": "$response.bod
 COMMON = (400, 401, 403, 405)  # what any /v1 operation may answer before its own checks (guard, token, method)
 
 
+def _add_file_routes(api: APIRouter, store: JobStore, find: Any) -> None:
+    """A job's files: the video, the latest preview, the poster (`find(job_id)`: the job, or 404)."""
+
+    @api.get("/videos/{job_id}/content", operation_id="video_content", response_class=FileResponse, responses={
+        200: {"content": {"video/mp4": {}}, "description": "The mp4 (Range requests resume a download)"},
+        **responses(*COMMON, 404)})
+    def video_content(job_id: str) -> FileResponse:
+        job = find(job_id)
+        path = store.video_path(job.id)
+        if job.status != "succeeded" or not path.exists():
+            raise HTTPException(404, f"job {job.id} has no video yet (status: {job.status})")
+        return FileResponse(path, media_type="video/mp4", filename=f"vidfusion-{job.id}.mp4",
+                            content_disposition_type="inline")
+
+    def image(path, job, what: str, media_type: str) -> FileResponse:
+        if not path.exists() or (what == "poster" and job.status != "succeeded"):
+            raise HTTPException(404, f"job {job.id} has no {what} yet (status: {job.status})")
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-store"})
+
+    @api.get("/videos/{job_id}/preview", operation_id="video_preview", response_class=FileResponse, responses={
+        200: {"content": {"image/png": {}}, "description": "PNG"}, **responses(*COMMON, 404)})
+    def video_preview(job_id: str) -> FileResponse:
+        """The latest step's latent preview (PNG, the middle frame): while a job runs and after."""
+        job = find(job_id)
+        return image(store.preview_path(job.id), job, "preview", "image/png")
+
+    @api.get("/videos/{job_id}/poster", operation_id="video_poster", response_class=FileResponse, responses={
+        200: {"content": {"image/jpeg": {}}, "description": "JPEG"}, **responses(*COMMON, 404)})
+    def video_poster(job_id: str) -> FileResponse:
+        """A frame of the finished video (JPEG)."""
+        job = find(job_id)
+        return image(store.poster_path(job.id), job, "poster", "image/jpeg")
+
+
 def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
     """The REST jobs API under /v1."""
     api = APIRouter(prefix="/v1", dependencies=[Depends(_token_check(settings))])
@@ -100,35 +134,7 @@ def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
     def get_video(job_id: str) -> dict[str, Any]:
         return find(job_id).to_json()
 
-    @api.get("/videos/{job_id}/content", operation_id="video_content", response_class=FileResponse, responses={
-        200: {"content": {"video/mp4": {}}, "description": "The mp4 (Range requests resume a download)"},
-        **responses(*COMMON, 404)})
-    def video_content(job_id: str) -> FileResponse:
-        job = find(job_id)
-        path = store.video_path(job.id)
-        if job.status != "succeeded" or not path.exists():
-            raise HTTPException(404, f"job {job.id} has no video yet (status: {job.status})")
-        return FileResponse(path, media_type="video/mp4", filename=f"vidfusion-{job.id}.mp4",
-                            content_disposition_type="inline")
-
-    def image(path, job, what: str, media_type: str) -> FileResponse:
-        if not path.exists() or (what == "poster" and job.status != "succeeded"):
-            raise HTTPException(404, f"job {job.id} has no {what} yet (status: {job.status})")
-        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-store"})
-
-    @api.get("/videos/{job_id}/preview", operation_id="video_preview", response_class=FileResponse, responses={
-        200: {"content": {"image/png": {}}, "description": "PNG"}, **responses(*COMMON, 404)})
-    def video_preview(job_id: str) -> FileResponse:
-        """The latest step's latent preview (PNG, the middle frame): while a job runs and after."""
-        job = find(job_id)
-        return image(store.preview_path(job.id), job, "preview", "image/png")
-
-    @api.get("/videos/{job_id}/poster", operation_id="video_poster", response_class=FileResponse, responses={
-        200: {"content": {"image/jpeg": {}}, "description": "JPEG"}, **responses(*COMMON, 404)})
-    def video_poster(job_id: str) -> FileResponse:
-        """A frame of the finished video (JPEG)."""
-        job = find(job_id)
-        return image(store.poster_path(job.id), job, "poster", "image/jpeg")
+    _add_file_routes(api, store, find)
 
     @api.delete("/videos/{job_id}", operation_id="cancel_video", response_model=Job,
                 responses=responses(*COMMON, 404, 409))

@@ -84,7 +84,7 @@ def test_extend_joins_the_new_frames_after_the_input(ours, tiny_checkpoint, tmp_
     decoded = read_video(path).astype(np.float32) / 255
     frames, ran = extend(ours, path, "a red car", num_frames=6, overlap=2, num_inference_steps=2,
                          generator=gen(1))
-    assert frames.shape == (12, 16, 16, 3) and ran["num_frames"] == 12
+    assert frames.shape == (12, 16, 16, 3) and ran["num_frames"] == 6 and ran["overlap"] == 2  # the generated clip
     assert np.array_equal(frames[:8], decoded)
     direct = ours("a red car", num_frames=6, height=16, width=16, num_inference_steps=2, generator=gen(1),
                   images={0: decoded[6], 1: decoded[7]}).frames[0]
@@ -95,6 +95,13 @@ def test_extend_joins_the_new_frames_after_the_input(ours, tiny_checkpoint, tmp_
     assert cli_main(["extend", str(path), "a red car", "--model", str(tiny_checkpoint), "--frames", "6",
                      "--overlap", "2", "--steps", "2", "--seed", "1", "--out", str(out), "--quiet"]) == 0
     assert len(read_video(out)) == 12
+    from vidfusion.media.video_io import read_metadata as meta_of
+
+    meta = meta_of(out)  # honest: the kind, its input, the overlap and the generated clip's frames (not the file's)
+    assert (meta["kind"], meta["extended"], meta["overlap"], meta["num_frames"]) == ("extend", str(path), 2, 6)
+    again = tmp_path / "again.mp4"
+    assert cli_main(["generate", "--from", str(out), "--out", str(again), "--quiet"]) == 2  # not a plain clip
+    assert not again.exists()
     image_out = tmp_path / "img.mp4"
     assert cli_main(["generate", "a red car", "--model", str(tiny_checkpoint), "--frames", "4", "--steps", "2",
                      "--height", "16", "--width", "16", "--image", str(_png(tmp_path)), "--out", str(image_out),

@@ -144,6 +144,10 @@ def _settings_from_video(args: argparse.Namespace, given: set[str]) -> None:
     stored = read_metadata(args.from_file)
     if not stored.get("vidfusion"):
         raise ValueError(f"'{args.from_file}' holds no vidfusion settings (only videos vidfusion wrote do)")
+    if stored.get("kind") == "extend" or "extended" in stored:
+        raise ValueError(f"'{args.from_file}' continues {stored.get('extended')!r} (vidfusion extend): remake it with "
+                         f"vidfusion extend {stored.get('extended')} PROMPT --frames {stored.get('num_frames')} "
+                         f"--overlap {stored.get('overlap')} --seed {stored.get('seed')}, not generate --from")
     left_out = set(LORA_KEYS) if args.no_lora else set()
     if stored.get("turbo") and "turbo" in given and not args.turbo:
         left_out |= set(TURBO_IMPLIED)
@@ -300,7 +304,7 @@ def _extend(args: argparse.Namespace) -> str:
     frames, ran = extend(pipe, args.video, args.prompt, args.frames, args.overlap,
                          negative_prompt=args.negative_prompt, generator=torch.Generator().manual_seed(seed),
                          **_sampling_options(args))
-    meta = {**_metadata(args, ran, seed, fps), "extended": str(args.video), "overlap": args.overlap}
+    meta = {**_metadata(args, ran, seed, fps), "kind": "extend", "extended": str(args.video), "overlap": args.overlap}
     path = export_to_video(frames, out, fps=fps, interpolate_fps=args.interpolate_fps, metadata=meta)
     print(f"vidfusion: seed {seed}", file=sys.stderr)
     return path

@@ -140,7 +140,8 @@ def extend(pipe: Any, video: Any, prompt: Any, num_frames: int = 16, overlap: in
            ) -> tuple[np.ndarray, dict[str, Any]]:
     """Continue a video: a new clip of `num_frames` whose first `overlap` frames are conditioned on the input's
     last frames; returns (the input followed by the new clip's other frames (F, H, W, 3) floats in [0, 1], the
-    settings that ran). `video`: frames (F, H, W, 3) uint8 / floats in [0, 1] or a video file."""
+    settings that ran: num_frames is the generated clip's, with its overlap). `video`: frames (F, H, W, 3) uint8 /
+    floats in [0, 1] or a video file."""
     from ..media.video_io import read_video
 
     frames = read_video(video) if isinstance(video, (str, os.PathLike)) else np.asarray(video)
@@ -156,4 +157,4 @@ def extend(pipe: Any, video: Any, prompt: Any, num_frames: int = 16, overlap: in
     out = pipe(prompt, num_frames=num_frames, height=height, width=width, output_type="np",
                images={i: tail[i] for i in range(overlap)}, **kwargs)
     new = out.frames[0][overlap:]
-    return np.concatenate([frames, new]), {**out.settings, "num_frames": len(frames) + len(new), "overlap": overlap}
+    return np.concatenate([frames, new]), {**out.settings, "overlap": overlap}

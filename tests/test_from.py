@@ -74,7 +74,8 @@ def test_from_remakes_the_same_file(kind, tiny_checkpoint, inputs, tmp_path):
     assert meta["seed"] == 5 and meta["model"] == str(tiny_checkpoint)
     assert ("strength" in meta) == (kind in ("video-to-video", "upscale"))  # only what applies
     assert not {"base_noise_ratio", "free_init_filter", "free_init_iterations", "noise_prior"} & set(meta)
-    assert cli_main(["generate", "--from", str(first), "--out", str(again), "--quiet"]) == 0
+    trust = ["--trust-sources"] if kind in ("video-to-video", "upscale") else []  # the file names an input video
+    assert cli_main(["generate", "--from", str(first), *trust, "--out", str(again), "--quiet"]) == 0
     assert again.read_bytes() == first.read_bytes()
 
 
@@ -105,7 +106,31 @@ def test_a_flag_always_overrides_the_file(case, tiny_checkpoint, inputs, tmp_pat
     first, again = tmp_path / "first.mp4", tmp_path / "again.mp4"
     assert cli_main(["generate", "a cat", "--model", str(tiny_checkpoint), "--steps", "2", "--height", "16",
                      "--width", "16", *size, *first_flags, "--seed", "1", "--out", str(first), "--quiet"]) == 0
-    assert cli_main(["generate", "--from", str(first), *override, "--out", str(again), "--quiet"]) == 0
+    assert cli_main(["generate", "--from", str(first), *override, "--trust-sources", "--out", str(again),
+                     "--quiet"]) == 0
     meta = read_metadata(again)
     assert {k: meta.get(k) for k in expected} == expected, meta
     assert meta["seed"] == 1 and meta["prompt"] == "a cat"  # the rest still comes from the file
+
+
+def test_from_asks_before_it_reads_what_a_strangers_file_names(tiny_checkpoint, inputs, tmp_path, capsys):
+    """Catches `--from` silently reading an input file (or fetching a hub repo) that a received video names: it
+    prints what it will load, and without --trust-sources (no terminal to ask) refuses with one line naming it."""
+    first, again = tmp_path / "first.mp4", tmp_path / "again.mp4"
+    assert cli_main(["generate", "a fox", "--init-video", inputs["VIDEO"], "--steps", "2", "--model",
+                     str(tiny_checkpoint), "--seed", "1", "--out", str(first), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["generate", "--from", str(first), "--out", str(again), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"input {inputs['VIDEO']}" in err[0] and "--trust-sources" in err[-1] and not again.exists()
+    assert cli_main(["generate", "--from", str(first), "--trust-sources", "--out", str(again), "--quiet"]) == 0
+
+
+def test_info_escapes_control_characters(tmp_path, capsys):
+    """Catches a stored prompt whose escape sequences would drive the reader's terminal."""
+    path = export_to_video(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "x.mp4",
+                           metadata={"vidfusion": "0.1.0", "prompt": "a cat\x1b[2J\nrm -rf"})
+    assert cli_main(["info", path]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert "\x1b" not in out and "\\x1b[2J" in out and len(lines) == 2 and "rm -rf" in lines[0]  # one line a key

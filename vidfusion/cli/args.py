@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-turbo", dest="turbo", action="store_false", default=argparse.SUPPRESS,
                      help="with --from: without T2V-Turbo (and without the sampler, steps and guidance it implied)")
     gen.add_argument("--no-lora", action="store_true", help="with --from: without the LoRAs the video records")
+    gen.add_argument("--trust-sources", action="store_true",
+                     help="with --from: read the input files and download the hub repos the video names")
     _add_server_options(gen, "run on this vidfusion server instead of here (input files are uploaded)")
 
     up = sub.add_parser("upscale", help="resize a video, then refine it with video-to-video (Zeroscope XL recipe)")

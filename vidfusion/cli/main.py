@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .args import UsageError, build_parser, given_options
 from .checks import check_at_least_one, check_inputs, check_out, check_port_free
+from .from_video import printable, settings_from_video
 
 
 def slugify(text: str, limit: int = 60) -> str:
@@ -129,37 +130,6 @@ def _load(cls, args: argparse.Namespace):
     return pipe.compile() if args.compile else pipe
 
 
-# settings a T2V-Turbo video stores because --turbo implied them: --no-turbo leaves them behind too
-TURBO_IMPLIED = ("sampler", "num_inference_steps", "guidance_scale")
-LORA_KEYS = ("loras", "lora_weight_name", "lora_target", "lora_scale")
-
-
-def _settings_from_video(args: argparse.Namespace, given: set[str]) -> None:
-    """`generate --from VIDEO`: every setting stored in the video that the command line does not set itself (`given`:
-    the options typed, whatever their value; `--no-loop`, `--no-turbo`, `--no-lora` switch stored ones off). The
-    stored ones are added to `given`."""
-    from ..media.metadata import CLI_ARGUMENTS
-    from ..media.video_io import read_metadata
-
-    stored = read_metadata(args.from_file)
-    if not stored.get("vidfusion"):
-        raise ValueError(f"'{args.from_file}' holds no vidfusion settings (only videos vidfusion wrote do)")
-    if stored.get("kind") == "extend" or "extended" in stored:
-        raise ValueError(f"'{args.from_file}' continues {stored.get('extended')!r} (vidfusion extend): remake it with "
-                         f"vidfusion extend {stored.get('extended')} PROMPT --frames {stored.get('num_frames')} "
-                         f"--overlap {stored.get('overlap')} --seed {stored.get('seed')}, not generate --from")
-    left_out = set(LORA_KEYS) if args.no_lora else set()
-    if stored.get("turbo") and "turbo" in given and not args.turbo:
-        left_out |= set(TURBO_IMPLIED)
-    for key, attr in CLI_ARGUMENTS.items():
-        if key in stored and attr not in given and key not in left_out:
-            value = stored[key]
-            if key == "loras":
-                value = [f"{lora['path']}:{lora['weight']}" for lora in value]
-            setattr(args, attr, value)
-            given.add(attr)  # from the file counts as given (e.g. a video-to-video's first frames)
-
-
 def _metadata(args: argparse.Namespace, ran: dict, seed: int, fps: int) -> dict:
     from ..media.metadata import CLI_ARGUMENTS, RAN_KEYS, REQUEST_KEYS, video_settings
 
@@ -200,7 +170,7 @@ def _info(args: argparse.Namespace) -> str:
         return json.dumps(meta)
     if not meta:
         return f"{args.video}: no generation settings stored"
-    return "\n".join(f"{key}: {json.dumps(value) if isinstance(value, (list, dict)) else value}"
+    return "\n".join(f"{printable(key)}: {json.dumps(value) if isinstance(value, (list, dict)) else printable(value)}"
                      for key, value in meta.items())
 
 
@@ -352,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         debug = debug or getattr(args, "debug", False)
         args.given = given_options(argv) if args.command in ("generate", "upscale", "extend") else set()
         if args.command == "generate" and args.from_file:
-            _settings_from_video(args, args.given)
+            settings_from_video(args, args.given)
         if args.command == "extend":
             print(_extend(args))
         elif args.command in ("generate", "upscale"):

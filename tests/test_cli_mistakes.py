@@ -49,6 +49,7 @@ MISTAKES = {
     "unknown-flag": (["generate", "a cat", "--colour", "3"], "unrecognized"),
     "bad-number": (["generate", "a cat", "--frames", "x"], "invalid int"),
     "train-lora-missing-data": (["train-lora", "FILES/nothing", "--out", "FILES/lora-out"], "nothing"),
+    "impossible-size": (["generate", "a cat", "--model", "MODEL", "--frames", "100000"], "GiB available"),
 }
 
 
@@ -129,3 +130,18 @@ def test_offline_fails_in_seconds_with_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "hf download damo-vilab/text-to-video-ms-1.7b" in lines[0], result.stderr
     assert "HF_HUB_OFFLINE=1" in lines[0]
+
+
+def test_quiet_by_default_and_everything_with_debug(tiny_checkpoint, tmp_path):
+    """Catches raw Python warnings (file paths, source lines) and transformers' token-length warning on a long
+    prompt: every line on stderr is a `vidfusion:` line (one per note, said once); --debug shows the warnings."""
+    long_prompt = " ".join(["a cat on a red boat"] * 20)  # over 77 tokens: chunked, not truncated
+    args = ["generate", long_prompt, "--model", str(tiny_checkpoint), "--variant", "fp16", "--frames", "2",
+            "--steps", "2", "--height", "32", "--width", "32", "--quiet"]
+    result = run(*args, "--out", str(tmp_path / "a.mp4"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("vidfusion:") for line in lines), result.stderr
+    assert sum("variant" in line for line in lines) == 3 and len(set(lines)) == len(lines)
+    loud = run(*args, "--debug", "--out", str(tmp_path / "b.mp4"))
+    assert loud.returncode == 0 and "UserWarning" in loud.stderr

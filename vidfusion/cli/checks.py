@@ -73,3 +73,27 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out must end in one of {', '.join(CODECS)}, got '{out}'")
     if not out.parent.exists():
         raise FileNotFoundError(f"output folder '{out.parent}' does not exist")
+
+
+def check_fits(frames: int, height: int | None, width: int | None, videos: int = 1) -> None:
+    """Refuse before loading what cannot fit: the decoded frames (float32 and uint8) and the latents the sampler
+    holds, a lower bound of any run's peak (the networks' activations come on top), against the memory this
+    machine has available now (a size left out counts as the smallest published one, 256)."""
+    h, w = height or 256, width or 256
+    need = videos * frames * h * w * 3 * (4 + 1) + videos * frames * (h // 8) * (w // 8) * 4 * 4 * 6
+    have = available_memory()
+    if have is not None and need > have:
+        raise ValueError(f"{videos} x {frames} frames of {w}x{h} need at least {need / 2**30:.1f} GiB for the frames "
+                         f"alone; this machine has {have / 2**30:.1f} GiB available: fewer --frames or a smaller "
+                         "--width / --height")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable; None where the system does not say)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

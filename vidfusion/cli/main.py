@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from .args import UsageError, build_parser, given_options
-from .checks import check_at_least_one, check_inputs, check_out, check_port_free
+from .checks import check_at_least_one, check_fits, check_inputs, check_out, check_port_free
 from .from_video import printable, settings_from_video
 
 
@@ -189,6 +189,8 @@ def _generate(args: argparse.Namespace) -> list[str]:
         from .remote import generate_remote
 
         return generate_remote(args, out)
+    if not upscale and init_video is None:
+        check_fits(args.frames, args.height, args.width, videos)
     return _generate_here(args, init_video, out, videos)
 
 
@@ -311,6 +313,25 @@ def _failure_line(exc: BaseException) -> str:
     return f"vidfusion: error: {type(exc).__name__}: {message} (run with --debug for the traceback)"
 
 
+def quiet_notes() -> None:
+    """User-facing notes only: each Python warning once as one `vidfusion: note:` line (no file paths or source
+    lines), and the libraries' own chatter (transformers' token-length warning, hub retries) off. --debug keeps
+    it all."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    seen: set[str] = set()
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            print(f"vidfusion: note: {text}", file=sys.stderr)
+
+    warnings.showwarning = one_line
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code: 0 done, 2 bad arguments or input (one line, nothing written),
     1 a failure while running (one line; --debug or VIDFUSION_DEBUG=1 prints the traceback), 130 interrupted."""
@@ -320,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         args = parser.parse_args(argv)
         debug = debug or getattr(args, "debug", False)
+        if not debug:
+            quiet_notes()
         args.given = given_options(argv) if args.command in ("generate", "upscale", "extend") else set()
         if args.command == "generate" and args.from_file:
             settings_from_video(args, args.given)

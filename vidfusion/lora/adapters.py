@@ -1,9 +1,10 @@
-"""LoRA adapter state of one pipeline: load (any format, via lora_formats.py), switch, fuse, unfuse, unload.
+"""LoRA adapter state of one pipeline: load (any format, via formats.py), switch, fuse, unfuse, unload.
 
 Adapters are applied by merging: a touched weight is `original + sum(weight_a * delta_a)` over the active adapters,
-computed in float32 and written in place (layout, compiled graphs and the oneDNN path stay valid), so an adapter
-costs nothing per step. The original of every touched weight is kept on the CPU: switching adapters re-merges from
-it, and unloading restores it bit for bit.
+one addmm per adapter in the weight's own precision where its matmuls are fast (products accumulated in float32,
+rounded once; `merge_dtype`), else in float32, and written in place (layout, compiled graphs and the oneDNN path
+stay valid), so an adapter costs nothing per step. The original of every touched weight is kept on the CPU:
+switching adapters re-merges from it, and unloading restores it bit for bit.
 """
 
 from __future__ import annotations

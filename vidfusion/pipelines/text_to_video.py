@@ -44,7 +44,6 @@ from .long_video import current, reschedule_noise, windowed
 from .offload import OffloadState, offload_device
 from .prompts import encode_prompts, same_length
 
-OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 COMPILED_BLOCKS = (ResnetBlock, TemporalConvLayer, Transformer2D, TransformerTemporal, Upsample, Downsample)
 REGIONAL_RECOMPILE_LIMIT = 256  # graphs per compiled block class (dynamo's default, 8, failed cpu-unet's resnets)
 

@@ -30,11 +30,13 @@ from .predictions import (
     vp_x0_eps,
 )
 from .schedules import (
+    SAMPLER_NAMES,
     NoiseSchedule,
     consistency_timesteps,
     discrete_sigmas,
     init_noise_sigma,
     multistep_sigmas,
+    resolve_sampler,
     spaced_timesteps,
 )
 
@@ -354,11 +356,9 @@ def _start_timesteps(sampler: str, schedule: NoiseSchedule) -> np.ndarray:
 
 
 CONSISTENCY = ("lcm", "t2v-turbo")
-# samplers that can start part-way through their schedule (video-to-video); pndm cannot
-# base samplers start_state can noise a clean latent for (pndm cannot start part-way)
+# base samplers that can start part-way through their schedule (video-to-video, pictures); pndm cannot
 PARTIAL_BASES = ("ddim", "dpmpp-2m", "unipc", "euler", "euler-ancestral", "heun", "lms", *CONSISTENCY)
-PARTIAL_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-ancestral", "heun", "lms", "unipc", "lcm",
-                    "mcm", "t2v-turbo")
+PARTIAL_SAMPLERS = tuple(name for name in SAMPLER_NAMES if resolve_sampler(name)[0] in PARTIAL_BASES)  # names
 
 
 SAMPLERS = {

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from ..models.unet3d import FeatureCache
+from .schedules import SAMPLER_NAMES, resolve_sampler
 
 CACHES = ("deepcache", "faster-diffusion")
 FASTER_DIFFUSION_KEYS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)  # hutaiHang/Faster-Diffusion, 50 DDIM steps
 NO_CACHE_SAMPLERS = ("lcm", "t2v-turbo")  # consistency samplers: 4 steps that each change the features a lot
-NO_CACHE_NAMES = ("lcm", "mcm", "t2v-turbo")  # the sampler names that run them (mcm: an lcm preset)
+NO_CACHE_NAMES = tuple(name for name in SAMPLER_NAMES if resolve_sampler(name)[0] in NO_CACHE_SAMPLERS)  # + mcm
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ..media.video_io import UPLOAD_FORMATS, probe_video
 from .contract import Job, responses
 from .jobs import JobStore
 from .params import ServeSettings, SourceVideo, UploadRequest, field_error, limited, submit_job, video_params
+from .render import INPUT_KEYS
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mov", ".mkv", ".avi", ".m4v")
 
@@ -81,7 +82,7 @@ def store_video(data: bytes, filename: str, store: JobStore, max_mb: float, held
     return SourceVideo(str(path), frames, height, width, fps)
 
 
-UPLOAD_FIELDS = ("params", "video", "image", "last_image")
+UPLOAD_FIELDS = ("params", *INPUT_KEYS)  # the form: the parameters, and a file for each input a job can name
 
 
 def upload_body_limit(settings: ServeSettings) -> int:

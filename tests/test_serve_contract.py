@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .serve_helpers import SMALL, Server
+from .serve_helpers import Server
 
 TOKEN = "contract-token"
 CONFIG = Path(__file__).parent / "data" / "schemathesis.toml"
@@ -92,13 +92,24 @@ def test_schemathesis_finds_nothing(server):
 
 
 def test_schemathesis_finds_nothing_on_ray(tiny_checkpoint, tmp_path):
-    """The same contract on the Ray actor pool (`serve --ray local`)."""
+    """The same contract on the Ray actor pool (`serve --ray local`), and the client's round trip there gives the
+    local CLI's bytes."""
+    import sys
+
+    from vidfusion.client import Client
+
     pytest.importorskip("ray")
     srv = Server(tiny_checkpoint, tmp_path / "data", "--ray", "local", "--workers", "1", "--max-frames", "8",
                  "--max-pixels", str(64 * 64), token=TOKEN).start(timeout=300)
     try:
-        with srv.client() as c:
-            assert c.post("/v1/videos", json={**SMALL, "prompt": "a cat"}).status_code == 202
+        client = Client(srv.url, token=TOKEN)
+        job = client.wait(client.create("a cat on ray", seed=9, num_frames=2, height=32, width=32,
+                                        num_inference_steps=2), timeout=300)
+        local = tmp_path / "local.mp4"
+        assert subprocess.run([sys.executable, "-m", "vidfusion", "generate", "a cat on ray", "--model",
+                               str(tiny_checkpoint), "--frames", "2", "--height", "32", "--width", "32", "--steps",
+                               "2", "--seed", "9", "--out", str(local), "--quiet"], timeout=300).returncode == 0
+        assert client.download(job, tmp_path / "ray.mp4").read_bytes() == local.read_bytes()
         result = _schemathesis(srv, examples=4, seed=3)
         assert result.returncode == 0, result.stdout[-6000:]
     finally:

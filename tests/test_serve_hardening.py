@@ -288,6 +288,28 @@ def test_a_preview_write_error_does_not_stop_the_job(tmp_path, monkeypatch):
     assert store.get(job.id).step == 1
 
 
+def test_temp_files_of_killed_workers_are_swept_and_lora_copies_shared(tmp_path, monkeypatch):
+    """Catches per-actor LoRA copies left on every stop (a kill -9 runs no cleanup) and per-job folders of killed
+    workers that stay forever: copies are named by content and reused; a dead pid's job folder is swept at start,
+    a live one's kept."""
+    import tempfile
+
+    from vidfusion.serve.ray_workers import cached_copy
+    from vidfusion.serve.render import JOB_FOLDER_PREFIX, sweep_job_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first, again = cached_copy(b"lora bytes", "motion.pt"), cached_copy(b"lora bytes", "motion.pt")
+    assert first == again and first.name == "motion.pt" and first.read_bytes() == b"lora bytes"
+    assert len(list((tmp_path / "vidfusion-lora-cache").iterdir())) == 1
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{JOB_FOLDER_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{JOB_FOLDER_PREFIX}{os.getpid()}-def"
+    stale.mkdir(), live.mkdir()
+    assert sweep_job_folders(str(tmp_path)) == [stale]
+    assert not stale.exists() and live.exists()
+
+
 def test_threads_left_after_the_module():
     """The fault tests leave no worker thread behind (each is stopped and joined)."""
     assert not [t for t in threading.enumerate() if t.name.startswith("vidfusion-worker-test")]

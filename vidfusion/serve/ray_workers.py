@@ -46,28 +46,36 @@ class LoraFiles:
     every_job: dict[str, bytes]
 
 
+LORA_CACHE = "vidfusion-lora-cache"  # in the temp folder: files named by content, shared by this machine's actors
+
+
+def cached_copy(data: bytes, file_name: str) -> Path:
+    """This machine's copy of a LoRA file the server sent: TMP/vidfusion-lora-cache/<sha256>/<file name>, written
+    once (atomically) and reused by every actor and restart, so killed actors leave no copies behind."""
+    import hashlib
+
+    from ..media.fileio import write_bytes
+
+    path = Path(tempfile.gettempdir()) / LORA_CACHE / hashlib.sha256(data).hexdigest()[:32] / file_name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, data)
+    return path
+
+
 class JobActor:
     """A Ray actor: one pipeline, one job at a time; `poll` and `cancel` answer while a job runs."""
 
     def __init__(self, options: ModelOptions, lora_files: LoraFiles, threads: int | None = None):
-        """lora_files: the server's LoRA files as bytes (see LoraFiles), written to a folder of this machine; the
-        videos record the server's paths of them."""
+        """lora_files: the server's LoRA files as bytes (see LoraFiles), kept in this machine's content-named cache
+        (cached_copy); the videos record the server's paths of them."""
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self._folder = tempfile.TemporaryDirectory(prefix="vidfusion-loras-")
-        folder = Path(self._folder.name)
-        files = {}
-        for name, (file_name, recorded, data) in lora_files.named.items():
-            (folder / file_name).write_bytes(data)
-            files[name] = (str(folder / file_name), recorded)
-        here = {}  # --lora path on the server -> its copy on this machine
-        for i, (path, data) in enumerate(lora_files.every_job.items()):
-            copy = folder / f"every-job-{i}" / Path(path).name  # one folder each: two files may share a name
-            copy.parent.mkdir()
-            copy.write_bytes(data)
-            here[path] = str(copy)
+        files = {name: (str(cached_copy(data, file_name)), recorded)
+                 for name, (file_name, recorded, data) in lora_files.named.items()}
+        here = {path: str(cached_copy(data, Path(path).name)) for path, data in lora_files.every_job.items()}
         local = dataclasses.replace(options, loras=[(here.get(path, path), weight) for path, weight in options.loras])
         self.runner = load_runner(local, None, files)
         server_path = {copy: path for path, copy in here.items()}

@@ -5,6 +5,7 @@ its poster and settings as bytes, which the API process writes. Nothing here tou
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,12 +101,41 @@ class ModelOptions:
     preview_decoder: str | None = None  # tiny decoder for the live previews (TAESD / TAESDV)
 
 
+JOB_FOLDER_PREFIX = "vidfusion-job-"  # + the pid of the process that made it: a dead process's folders are swept
+
+
+def sweep_job_folders(folder: str | None = None) -> list[Path]:
+    """Remove the per-job temp folders that killed workers left (their pid is gone), not a live one's; returns
+    what was removed."""
+    import shutil
+
+    removed = []
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{JOB_FOLDER_PREFIX}*"):
+        pid = path.name[len(JOB_FOLDER_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def load_runner(options: ModelOptions, device: str | None, named_loras: dict[str, tuple[str, str]]) -> JobRunner:
     """A pipeline loaded as `options` say on `device` (None: CUDA when there is one), with the server's adapters:
-    the one loading path of the embedded workers and the Ray actors."""
+    the one loading path of the embedded workers and the Ray actors (which sweep the job folders killed workers
+    left on this machine first)."""
     from ..devices import device_and_dtype
     from ..pipelines.text_to_video import TextToVideoPipeline
 
+    sweep_job_folders()
     device, dtype = device_and_dtype(device, options.dtype)
     pipe = TextToVideoPipeline.from_pretrained(options.model, dtype=dtype, variant=options.variant,
                                                revision=options.revision, vae=options.vae,
@@ -183,7 +213,7 @@ class JobRunner:
             if not report(step + 1, total, preview):
                 raise JobCancelled
 
-        with tempfile.TemporaryDirectory(prefix="vidfusion-job-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{JOB_FOLDER_PREFIX}{os.getpid()}-") as tmp:
             pipe, options = self._call_options(params, inputs, Path(tmp))
             generator = torch.Generator("cpu").manual_seed(params["seed"])  # same video on any device
             output = pipe(params["prompt"], negative_prompt=params.get("negative_prompt"), num_inference_steps=total,

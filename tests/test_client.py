@@ -109,9 +109,12 @@ def test_download_resumes_with_a_range_request(server, tmp_path):
     job = client.wait(client.create("a bird", seed=2, **SMALL))
     whole = client.download(job, tmp_path / "whole.mp4").read_bytes()
     target = tmp_path / "resumed.mp4"
-    Path(str(target) + ".part").write_bytes(whole[:1000])
+    part = tmp_path / f"resumed.mp4.{job['id']}.part"  # named by the job: another job's part is never continued
+    part.write_bytes(whole[:1000])
     assert client.download(job, target).read_bytes() == whole
-    assert not Path(str(target) + ".part").exists()
+    assert not part.exists()
+    part.write_bytes(b"x" * (len(whole) + 10))  # not a prefix of this video (416): started over, not renamed
+    assert client.download(job, target).read_bytes() == whole
 
 
 class _CutProxy:

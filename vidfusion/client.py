@@ -193,8 +193,12 @@ class Client:
                         on_progress(state)
                     if state["status"] in FINISHED:
                         return state
-                if polling:
-                    time.sleep(0.5)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                if not polling:  # the stream ended before the job did (a proxy, a restart): ask instead, then again
+                    polling = failures > 2
+                    failures += 1
+                time.sleep(0.5 if polling else min(5.0, self.backoff * 2**min(failures, 4)))
             except NotFound:
                 if polling:
                     raise
@@ -216,33 +220,39 @@ class Client:
         yield self.get(job_id)
 
     def download(self, job: str | dict[str, Any], path: str | os.PathLike) -> Path:
-        """The job's mp4 written to `path` atomically (a `.part` file beside it, renamed when complete); an
-        interrupted download resumes from the `.part` with a Range request."""
-        path = Path(path)
-        part = path.with_name(path.name + ".part")
+        """The job's mp4 written to `path` atomically (a `.part` file beside it named by the job, renamed only when
+        every byte the server announced has arrived); an interrupted download resumes from the `.part` with a
+        Range request."""
+        job_id, path = _job_id(job), Path(path)
+        part = path.with_name(f"{path.name}.{job_id}.part")
         for attempt in range(self.retries + 1):
             have = part.stat().st_size if part.exists() else 0
             headers = {"Range": f"bytes={have}-"} if have else {}
             try:
-                with self._request("GET", f"/v1/videos/{quote(_job_id(job))}/content", headers=headers) as response:
-                    mode = "ab" if have and response.status == 206 else "wb"
-                    with open(part, mode) as out:
+                with self._request("GET", f"/v1/videos/{quote(job_id)}/content", headers=headers) as response:
+                    resumed = bool(have) and response.status == 206
+                    expected = int(response.headers.get("Content-Length") or -1)
+                    got = 0
+                    with open(part, "ab" if resumed else "wb") as out:
                         while chunk := response.read(1 << 20):
                             out.write(chunk)
+                            got += len(chunk)
                         out.flush()
                         os.fsync(out.fileno())
+                if 0 <= expected != got:  # the connection closed early (read() returns b"" then): resume
+                    raise ConnectionError(f"download cut off after {got} of {expected} bytes")
                 os.replace(part, path)
                 return path
             except ClientError as exc:
-                if exc.status == 416:  # the part is already whole
-                    os.replace(part, path)
-                    return path
+                if exc.status == 416 and have:  # the part is not a prefix of this video (or is all of it): anew
+                    part.unlink(missing_ok=True)
+                    continue
                 raise
             except TRANSIENT:
                 if attempt == self.retries:
-                    raise Unreachable(f"{self.url}: the download of {_job_id(job)} kept failing") from None
+                    raise Unreachable(f"{self.url}: the download of {job_id} kept failing") from None
                 time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
+        raise Unreachable(f"{self.url}: the download of {job_id} kept failing")
 
 
 def _multipart(boundary: str, fields: dict[str, str], files: dict[str, Path]) -> bytes:

@@ -55,6 +55,9 @@ def check_sources(args: argparse.Namespace, from_file: set[str]) -> None:
     loras = [spec.rpartition(":")[0] or spec for spec in args.lora] if "lora" in from_file else []
     inputs = [getattr(args, name) for name in ("init_video", "image", "last_image", "vae", "clip")
               if name in from_file and getattr(args, name)]
+    decoder_source = args.decoder.partition(":")[2] if "decoder" in from_file else ""
+    if decoder_source:  # a tiny decoder the file names: a local file, or a hub repo (checked below)
+        (loras if looks_like_repo_id(decoder_source) else inputs).append(decoder_source)
     model = args.model if "model" in from_file else None
     shown = [f"model {model}"] * bool(model) + [f"LoRA {lora}" for lora in loras] + [f"input {i}" for i in inputs]
     if not shown:

@@ -344,9 +344,11 @@ def probe_video(path: str | os.PathLike, max_pixels: int | None = None, max_fram
     options = {"format_whitelist": formats} if formats else {}
     frames, height, width = 0, 0, 0
     try:
-        with av.open(str(path), options=options) as container:
+        with av.open(str(path), options=options, metadata_errors="replace") as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or 8)
+            if stream.codec_context is None:
+                raise ValueError("its video codec has no decoder here")
             header_height, header_width = stream.codec_context.height, stream.codec_context.width
             if max_pixels is not None and header_height * header_width > max_pixels:
                 raise ValueError(f"its frames are {header_width}x{header_height}, over {max_pixels} pixels")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -74,10 +75,11 @@ class RequestGuard:
                                             f"{kind or 'a body without a Content-Type'}")
         limit = self.upload_limit if path == "/v1/videos/upload" else JSON_BODY_LIMIT
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return await _refuse(send, 413 if length.isdigit() else 400,
+        valid = length is not None and re.fullmatch(r"[0-9]{1,18}", length) is not None
+        if length is not None and (not valid or int(length) > limit):
+            return await _refuse(send, 413 if valid else 400,
                                  f"request body of {length} bytes: this server takes at most {limit} here "
-                                 "(--max-upload-mb)" if length.isdigit() else "malformed Content-Length")
+                                 "(--max-upload-mb)" if valid else "malformed Content-Length")
         await self.app(scope, _capped(receive, limit), send)
 
 

@@ -29,6 +29,7 @@ def _check_upload_size(size: int, field: str, max_mb: float) -> None:
                                  "(--max-upload-mb)")
 
 
+PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the only decoders an uploaded picture reaches
 PICTURE_PIXELS_PER_FRAME = 16  # an uploaded picture may have this many times a frame's pixel limit
 
 
@@ -42,12 +43,13 @@ def store_picture(data: bytes, field: str, store: JobStore, max_mb: float, held:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is refused, not decoded
-            picture = Image.open(io.BytesIO(data))
+            picture = Image.open(io.BytesIO(data), formats=PICTURE_FORMATS)  # no PostScript, no exotic parsers
             if picture.width * picture.height > max_pixels * PICTURE_PIXELS_PER_FRAME:
                 raise field_error(field, f"{field} is {picture.width}x{picture.height}; this server takes pictures "
                                           f"of at most {max_pixels * PICTURE_PIXELS_PER_FRAME} pixels")
             picture = picture.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning):
         raise field_error(field, f"{field} is not an image (PNG, JPEG, WebP, ...) of a size this server takes"
                            ) from None
     if picture.width * picture.height > max_pixels:  # stored downscaled once: the job resizes it to the frame

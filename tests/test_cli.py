@@ -160,18 +160,30 @@ def test_info_and_from_errors(tmp_path):
         assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_failure_while_running_exits_1_with_one_line_and_debug_traceback(tiny_checkpoint, tmp_path):
+def test_failure_while_running_exits_1_with_one_line_and_debug_traceback(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                        capsys):
     """Catches every RuntimeError / OSError turned into exit 2 (README keeps 2 for bad arguments): out of memory is
-    a failure while running (exit 1) whose line names what to change; --debug prints the traceback."""
-    huge = ["generate", "a dog", "--model", str(tiny_checkpoint), "--frames", "2", "--steps", "1", "--height",
-            "400000", "--width", "400000", "--quiet", "--out", str(tmp_path / "x.mp4")]
-    result = run(*huge)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert "out of memory" in lines[0] and "--offload model" in lines[0] and "--vae-slicing" in lines[0]
-    debug = run(*huge, "--debug")
-    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    a failure while running (exit 1) whose line names what to change; --debug prints the traceback. (A size that
+    cannot fit at all is refused before loading: exit 2, tests/test_cli_mistakes.py.)"""
+    from vidfusion.cli.main import main
+    from vidfusion.pipelines.text_to_video import TextToVideoPipeline
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(TextToVideoPipeline, "__call__", out_of_memory)
+    args = ["generate", "a dog", "--model", str(tiny_checkpoint), "--frames", "2", "--steps", "1", "--quiet",
+            "--out", str(tmp_path / "x.mp4")]
+    assert main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "out of memory" in lines[0] and "--offload model" in lines[0], lines
+    assert "--vae-slicing" in lines[0]
+    assert main([*args, "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    huge = run("generate", "a dog", "--model", str(tiny_checkpoint), "--frames", "2", "--height", "400000",
+               "--width", "400000", "--quiet", "--out", str(tmp_path / "y.mp4"))
+    assert huge.returncode == 2 and "GiB available" in huge.stderr and not list(tmp_path.iterdir())
 
 
 def test_default_name_never_replaces_a_file_and_the_seed_is_printed(tiny_checkpoint, tmp_path):

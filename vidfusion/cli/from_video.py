@@ -52,19 +52,18 @@ def check_sources(args: argparse.Namespace, from_file: set[str]) -> None:
     downloads not in the local cache need --trust-sources, a yes on a terminal, or else refuse with one line."""
     from ..checkpoints.hub import looks_like_repo_id
 
-    loras = [spec.rpartition(":")[0] or spec for spec in args.lora] if "lora" in from_file else []
+    named = [("model", args.model)] if "model" in from_file else []
+    named += [("LoRA", spec.rpartition(":")[0] or spec) for spec in args.lora] if "lora" in from_file else []
+    decoder = args.decoder.partition(":")[2] if "decoder" in from_file else ""
+    named += [("tiny decoder", decoder)] if decoder else []  # a local file, or a hub repo
     inputs = [getattr(args, name) for name in ("init_video", "image", "last_image", "vae", "clip")
               if name in from_file and getattr(args, name)]
-    decoder_source = args.decoder.partition(":")[2] if "decoder" in from_file else ""
-    if decoder_source:  # a tiny decoder the file names: a local file, or a hub repo (checked below)
-        (loras if looks_like_repo_id(decoder_source) else inputs).append(decoder_source)
-    model = args.model if "model" in from_file else None
-    shown = [f"model {model}"] * bool(model) + [f"LoRA {lora}" for lora in loras] + [f"input {i}" for i in inputs]
+    shown = [f"{kind} {name}" for kind, name in named] + [f"input {i}" for i in inputs]
     if not shown:
         return
     print(f"vidfusion: --from {printable(args.from_file)} loads: {printable(', '.join(shown))}", file=sys.stderr)
-    downloads = [name for name in ([model] if model else []) + loras
-                 if looks_like_repo_id(name) and not _cached(name)]
+    inputs += [name for kind, name in named if kind == "tiny decoder" and not looks_like_repo_id(name)]
+    downloads = [name for _, name in named if looks_like_repo_id(name) and not _cached(name)]
     untrusted = inputs + downloads
     if not untrusted or args.trust_sources:
         return

@@ -24,7 +24,7 @@ from vidfusion.serve.jobs import QUEUED, RUNNING, SUCCEEDED, JobStore
 from vidfusion.serve.render import JobResult
 from vidfusion.serve.worker import Worker
 
-from .serve_helpers import SMALL, Server
+from .serve_helpers import SMALL, Server, wait_for
 
 HOOKS = Path(__file__).parent / "hooks"
 TOKEN = "hardening-token"
@@ -253,6 +253,37 @@ def test_a_finished_video_is_on_the_disk_before_the_job_says_succeeded(tmp_path,
     assert any(str(store.video_dir) == e[1] for e in names)  # the folder entry
     assert any(e[1].startswith(str(store.video_dir / ".vidfusion-tmp.")) for e in names)  # the data
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_preview_replaced_while_it_is_sent_comes_whole(server):
+    """Catches a FileResponse for the preview: it stats the file, then opens it; the worker renames a new preview
+    over it at every step in between, so the response announced one picture's length and sent another's bytes (a
+    cut connection under schemathesis). Every answer must be exactly one of the pictures written."""
+    from vidfusion.media.fileio import write_bytes
+
+    with server.client() as c:
+        job = c.post("/v1/videos", json={**SMALL, "prompt": "a preview race"}).json()
+        wait_for(c, job["id"])
+        path = server.data_dir / "images" / f"{job['id']}.preview.png"
+        versions = [bytes([n]) * size for n, size in enumerate((70_000, 300, 140_000, 5))]
+        stop = threading.Event()
+
+        def replace() -> None:
+            n = 0
+            while not stop.is_set():
+                write_bytes(path, versions[n % len(versions)])
+                n += 1
+
+        writer = threading.Thread(target=replace)
+        writer.start()
+        try:
+            for _ in range(150):
+                r = c.get(f"/v1/videos/{job['id']}/preview")
+                assert r.status_code == 200 and r.content in versions
+                assert int(r.headers["content-length"]) == len(r.content)
+        finally:
+            stop.set()
+            writer.join()
 
 
 def test_keep_days_removes_old_finished_jobs_only(tmp_path):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..sampling.names import SAMPLER_NAMES
 from .contract import Health, Job, JobList, LoraList, install_handlers, responses
@@ -77,21 +77,27 @@ def _add_file_routes(api: APIRouter, store: JobStore, find: Any) -> None:
         return FileResponse(path, media_type="video/mp4", filename=f"vidfusion-{job.id}.mp4",
                             content_disposition_type="inline")
 
-    def image(path, job, what: str, media_type: str) -> FileResponse:
-        if not path.exists() or (what == "poster" and job.status != "succeeded"):
+    def image(path, job, what: str, media_type: str) -> Response:
+        """A small picture read whole in one open: the preview is replaced (renamed over) at every step, so a
+        FileResponse's stat-then-open could announce one file's length and send another's bytes (a cut response)."""
+        try:
+            data = None if what == "poster" and job.status != "succeeded" else path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is None:
             raise HTTPException(404, f"job {job.id} has no {what} yet (status: {job.status})")
-        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-store"})
+        return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
 
-    @api.get("/videos/{job_id}/preview", operation_id="video_preview", response_class=FileResponse, responses={
+    @api.get("/videos/{job_id}/preview", operation_id="video_preview", response_class=Response, responses={
         200: {"content": {"image/png": {}}, "description": "PNG"}, **responses(*COMMON, 404)})
-    def video_preview(job_id: str) -> FileResponse:
+    def video_preview(job_id: str) -> Response:
         """The latest step's latent preview (PNG, the middle frame): while a job runs and after."""
         job = find(job_id)
         return image(store.preview_path(job.id), job, "preview", "image/png")
 
-    @api.get("/videos/{job_id}/poster", operation_id="video_poster", response_class=FileResponse, responses={
+    @api.get("/videos/{job_id}/poster", operation_id="video_poster", response_class=Response, responses={
         200: {"content": {"image/jpeg": {}}, "description": "JPEG"}, **responses(*COMMON, 404)})
-    def video_poster(job_id: str) -> FileResponse:
+    def video_poster(job_id: str) -> Response:
         """A frame of the finished video (JPEG)."""
         job = find(job_id)
         return image(store.poster_path(job.id), job, "poster", "image/jpeg")

@@ -32,7 +32,7 @@ def test_weight_zero_is_todays_video(ours, sampler):
     assert torch.equal(plain, zero)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "lcm"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "lcm", "unipc"])
 def test_conditioned_latents_follow_the_noised_picture(ours, sampler):
     """After each step the first frame's latents are the picture's latent noised to the next step's level (in the
     sampler's space), and the picture's latent itself at the end; the last frame follows `last_image`."""
@@ -51,6 +51,30 @@ def test_conditioned_latents_follow_the_noised_picture(ours, sampler):
         expected = start_state(base, schedule, z[:, :, None].expand(-1, -1, 4, -1, -1), noise, step + 1)
         assert torch.allclose(latents[:, :, 0], expected[:, :, 0], atol=1e-5), step
     assert not torch.allclose(out[:, :, 1], z, atol=1e-2)  # the other frames are generated
+
+
+def test_unipc_corrector_keeps_the_picture_the_model_sees(ours):
+    """UniPC corrects step i's latents from the latents before step i-1 once the model has seen step i: catches a
+    replacement done where the corrector overwrites it before the model call (the model at every step from the
+    second on must see the first frame as the picture noised to that step's level, in every guidance half)."""
+    seen = []
+    handle = ours.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, :, 0].clone()))
+    try:
+        out = ours(generator=gen(), sampler="unipc", image=PICTURE, **{**ARGS, "num_inference_steps": 4}).frames
+    finally:
+        handle.remove()
+    from vidfusion.pipelines.conditioning import _own_noise
+
+    z = picture_latent(ours)
+    base, preset = _base("unipc")
+    schedule = NoiseSchedule.create(sampler_options(base, dict(ours.scheduler.config), preset), 4)
+    noise = _own_noise((1, 4, 4, 8, 8), gen(), torch.device("cpu"))
+    assert len(seen) == 4
+    for step in range(1, 4):
+        expected = start_state(base, schedule, z[:, :, None].expand(-1, -1, 4, -1, -1), noise, step)[:, :, 0]
+        for half in seen[step].split(1):  # (1, C, h, w) for the unconditional and the text half
+            assert torch.allclose(half, expected, atol=1e-5), step
+    assert torch.allclose(out[:, :, 0], z, atol=1e-5)
 
 
 def _base(sampler):

@@ -341,9 +341,7 @@ def test_picture_upload_conditions_the_first_frame(server, tmp_path):
         assert r.status_code == 202, r.text
         job = wait_for(c, r.json()["id"])
         assert job["status"] == "succeeded" and job["params"]["image"].endswith(".png")
-        plain = wait_for(c, c.post("/v1/videos", json={**SMALL, "prompt": "from a picture", "seed": 4}).json()["id"])
         with_picture = c.get(f"/v1/videos/{job['id']}/content").content
-        assert with_picture != c.get(f"/v1/videos/{plain['id']}/content").content
         bad = c.post("/v1/videos/upload", data={"params": params}, files={"image": ("x.png", b"not an image")})
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "image"
         big = c.post("/v1/videos/upload", data={"params": params}, files={"image": ("x.png", b"0" * (21 * 2**20))})
@@ -353,3 +351,20 @@ def test_picture_upload_conditions_the_first_frame(server, tmp_path):
     import pathlib
 
     assert pathlib.Path(job["params"]["image"]).is_file()
+    # the frames are the local `generate --image` run's (the picture fixed as frame 0, as tests/test_conditioning.py
+    # checks in-process): catches an upload that was ignored, put on the last frame, or decoded with other colours
+    from vidfusion.cli.main import main as cli_main
+
+    (tmp_path / "p.png").write_bytes(png.getvalue())
+    local = tmp_path / "local.mp4"
+    assert cli_main(["generate", "from a picture", "--model", str(server.checkpoint), "--frames", "2", "--height",
+                     "32", "--width", "32", "--steps", "2", "--guidance", "7.5", "--seed", "4", "--image",
+                     str(tmp_path / "p.png"), "--out", str(local), "--quiet"]) == 0
+    served, _ = decode(with_picture, tmp_path)
+    expected, _ = decode(local.read_bytes(), tmp_path, "local-copy.mp4")
+    assert len(served) == 2 and all((a == b).all() for a, b in zip(served, expected, strict=True))
+    plain = tmp_path / "plain.mp4"  # and the same run without the picture has another first frame
+    assert cli_main(["generate", "from a picture", "--model", str(server.checkpoint), "--frames", "2", "--height",
+                     "32", "--width", "32", "--steps", "2", "--guidance", "7.5", "--seed", "4", "--out", str(plain),
+                     "--quiet"]) == 0
+    assert not (decode(plain.read_bytes(), tmp_path, "plain-copy.mp4")[0][0] == served[0]).all()

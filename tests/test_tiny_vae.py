@@ -86,50 +86,80 @@ def test_cli_decoder_tiny(tiny_checkpoint, reference, tmp_path):
                      "--out", str(tmp_path / "x.mp4")]) == 2
 
 
-# ---- TAESDV: a reference written from madebyollin/taesdv's published decoder (decode_frame: one frame at a time,
-# each MemBlock fed its own input of the previous frame, zeros for the first frame)
+# ---- TAESDV: a reference module tree built the way madebyollin/taesdv's taesdv.py builds its TAESDV (its class
+# and attribute names: `decoder` a Sequential of Clamp, 3x3 convs, ReLU, MemBlock(conv Sequential, skip, act),
+# Upsample, bias-free convs after each Upsample; an `encoder` of Blocks the file also holds), its random weights
+# saved under the names *that* tree gives them, and its decode_frame loop (one frame at a time, each MemBlock fed
+# its own input of the previous frame, zeros for the first). Our loader must read this file as published.
 
-def _reference_taesdv(state: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
-    """latents (T, 4, h, w) of one video -> frames (T, 3, H, W) in [0, 1], frame by frame with memory."""
-    import torch.nn.functional as F
+def _reference_taesdv_module(width: int):
+    import torch.nn as nn
 
-    def conv(x, key, padding=1):
-        return F.conv2d(x, state[f"{key}.weight"], state.get(f"{key}.bias"), padding=padding)
+    def conv(n_in, n_out, **kwargs):
+        return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
 
-    layers = ["clamp", "conv", "relu", "mem", "mem", "mem", "up", "conv", "mem", "mem", "mem", "up", "conv",
-              "mem", "mem", "mem", "up", "conv", "mem", "conv"]
-    out, memory = [], None
-    for latent in latents.split(1):
-        x, new_memory, position = latent, [], 0
-        for index, kind in enumerate(layers):
-            key = f"decoder.{index}"
-            if kind == "clamp":
-                x = torch.tanh(x / 3) * 3
-            elif kind == "conv":
-                x = conv(x, key)
-            elif kind == "relu":
-                x = F.relu(x)
-            elif kind == "up":
-                x = F.interpolate(x, scale_factor=2, mode="nearest")
-            else:
-                new_memory.append(x)
-                past = torch.zeros_like(x) if memory is None else memory[position]
-                position += 1
-                y = F.relu(conv(torch.cat([x, past], 1), f"{key}.conv.0"))
-                y = conv(F.relu(conv(y, f"{key}.conv.2")), f"{key}.conv.4")
-                x = F.relu(y + x)
-        memory = new_memory
-        out.append(x)
-    return torch.cat(out)
+    class Clamp(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x / 3) * 3
 
+    class Block(nn.Module):
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
+            self.skip = nn.Identity()
+            self.fuse = nn.ReLU()
 
-def _random_taesdv(width: int = 16) -> dict[str, torch.Tensor]:
-    from vidfusion.models.tiny_vae import TinyVideoDecoder
+    class MemBlock(nn.Module):
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.conv = nn.Sequential(conv(n_in * 2, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(),
+                                      conv(n_out, n_out))
+            self.skip = nn.Identity()
+            self.act = nn.ReLU()
 
+        def forward(self, x, memory):
+            return self.act(self.conv(torch.cat([x, memory], 1)) + self.skip(x))
+
+    class TAESDV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            w = width
+            self.encoder = nn.Sequential(conv(3, w), Block(w, w), conv(w, w, stride=2, bias=False), Block(w, w),
+                                         conv(w, w, stride=2, bias=False), Block(w, w),
+                                         conv(w, w, stride=2, bias=False), Block(w, w), conv(w, 4))
+            self.decoder = nn.Sequential(
+                Clamp(), conv(4, w), nn.ReLU(),
+                MemBlock(w, w), MemBlock(w, w), MemBlock(w, w), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
+                MemBlock(w, w), MemBlock(w, w), MemBlock(w, w), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
+                MemBlock(w, w), MemBlock(w, w), MemBlock(w, w), nn.Upsample(scale_factor=2), conv(w, w, bias=False),
+                MemBlock(w, w), conv(w, 3))
+
+        def decode_frame(self, x, memory=None):
+            new_memory, old = [], None if memory is None else list(memory)
+            for layer in self.decoder:
+                if isinstance(layer, MemBlock):
+                    new_memory.append(x)
+                    x = layer(x, torch.zeros_like(x) if old is None else old.pop(0))
+                else:
+                    x = layer(x)
+            return x, new_memory
+
+    model = TAESDV()
     g = torch.Generator().manual_seed(3)
-    state = {k: torch.randn(v.shape, generator=g) * 0.15 for k, v in TinyVideoDecoder(4, width).state_dict().items()}
-    state["encoder.0.weight"] = torch.zeros(width, 3, 3, 3)  # taesdv.pth holds the encoder too: left out
-    return state
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.15)
+    return model.eval()
+
+
+def _reference_taesdv(model, latents: torch.Tensor) -> torch.Tensor:
+    """latents (T, 4, h, w) of one video -> frames (T, 3, H, W) in ~[0, 1], frame by frame with memory."""
+    out, memory = [], None
+    with torch.no_grad():
+        for latent in latents.split(1):
+            frame, memory = model.decode_frame(latent, memory)
+            out.append(frame)
+    return torch.cat(out)
 
 
 def test_taesdv_decoder_matches_the_published_frame_by_frame_decode(tmp_path):
@@ -137,15 +167,15 @@ def test_taesdv_decoder_matches_the_published_frame_by_frame_decode(tmp_path):
     decoder that fed the current frame, the next one, or no memory at all as memory fails)."""
     from vidfusion.models.tiny_vae import TinyVideoDecoder, decode_frames
 
-    state = _random_taesdv()
-    torch.save(state, tmp_path / "taesdv.pth")
+    reference = _reference_taesdv_module(16)
+    torch.save(reference.state_dict(), tmp_path / "taesdv.pth")  # the published file's key names and bias-free convs
     ours = load_tiny_decoder(tmp_path / "taesdv.pth")
     assert isinstance(ours, TinyVideoDecoder)
     assert isinstance(load_tiny_decoder(tmp_path), TinyVideoDecoder)  # a folder holding taesdv.pth
     latents = torch.randn(2, 4, 5, 6, 6) * 2  # (B, C, F, h, w): two videos of 5 frames
     got = decode_frames(ours, latents)  # (B, F, 3, H, W) in [-1, 1]
     for b in range(2):
-        expected = _reference_taesdv(state, latents[b].permute(1, 0, 2, 3)) * 2 - 1
+        expected = _reference_taesdv(reference, latents[b].permute(1, 0, 2, 3)) * 2 - 1
         assert ((got[b] - expected).abs().max() / expected.abs().max()).item() < 1e-5
     without_memory = decode_frames(ours, latents[:, :, 2:3])[:, 0]  # frame 2 alone: no memory of frames 0-1
     assert (without_memory - got[:, 2]).abs().max() > 1e-3

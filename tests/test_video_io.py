@@ -192,3 +192,46 @@ def test_interpolate_fps_keeps_the_originals_and_the_duration(tmp_path):
     assert np.abs(frames[1].astype(float) - frames[3]).mean() > 0.3
     with pytest.raises(ValueError, match="interpolate_fps"):
         export_to_video(video, tmp_path / "bad.mp4", fps=8, interpolate_fps=8)
+
+
+def _moving_square(count: int = 16) -> np.ndarray:
+    video = np.zeros((count, 64, 96, 3), np.float32)
+    for t in range(count):
+        video[t, 20:40, 5 + 4 * t:25 + 4 * t] = 0.8  # a square moving right
+    return video
+
+
+def test_interpolation_at_a_non_integer_ratio(tmp_path):
+    """8 -> 30 fps (3.75 output frames per input frame): 60 frames for 2 s, and the originals at their own times:
+    input k at 4-frame multiples lands exactly on output 15k/4. Catches rounding the ratio to 4 (64 frames, a
+    longer clip) or to 3, or placing originals at round(3.75k)."""
+    video = _moving_square()
+    path = export_to_video(video, tmp_path / "smooth.mp4", fps=8, interpolate_fps=30)
+    _, _, fps, frames = probe(path)
+    assert fps == pytest.approx(30) and len(frames) == 60
+    source = (video * 255).round()
+    for k in (0, 4, 8, 12):
+        assert np.abs(frames[15 * k // 4].astype(float) - source[k]).mean() < 3, k
+    between = frames[2].astype(float)  # output 2 is at 0.53 input frames: a new picture, neither neighbour
+    assert min(np.abs(between - source[0]).mean(), np.abs(between - source[1]).mean()) > 1
+
+
+@pytest.mark.parametrize("fps, interpolate_fps", [(8, None), (7, None), (8, 30), (8, 24)])
+def test_gif_frame_delays_add_up_to_the_clip_length(tmp_path, fps, interpolate_fps):
+    """GIF delays are whole centiseconds: 30 fps is 3.33 cs a frame, so they must alternate (3, 4, 3, ...) to keep
+    time; every frame's end is within one centisecond of its true time and the GIF lasts as long as the clip.
+    Catches delays truncated per frame (30 fps played at 33 fps: a 1.8 s clip) or one rounded delay repeated."""
+    from PIL import Image
+
+    video = _moving_square()
+    path = export_to_video(video, tmp_path / "clip.gif", fps=fps, interpolate_fps=interpolate_fps)
+    rate = interpolate_fps or fps
+    with Image.open(path) as gif:
+        delays = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            delays.append(gif.info["duration"])
+    assert len(delays) == round(16 * rate / fps)
+    ends = np.cumsum(delays)
+    ideal = np.arange(1, len(delays) + 1) * 1000 / rate
+    assert np.abs(ends - ideal).max() <= 10, (delays[:8], ends[-1], ideal[-1])

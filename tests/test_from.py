@@ -134,3 +134,17 @@ def test_info_escapes_control_characters(tmp_path, capsys):
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert "\x1b" not in out and "\\x1b[2J" in out and len(lines) == 2 and "rm -rf" in lines[0]  # one line a key
+
+
+def test_from_names_lora_paths_as_the_command_line_reads_them(capsys):
+    """The list --from prints splits a LoRA's weight off as --lora does (one shared reader): catches a split on the
+    last ':' that shows `/data/a` for a stored `/data/a:b/motion.safetensors` (a weightless path with a colon)."""
+    import argparse
+
+    from vidfusion.cli.from_video import check_sources
+
+    args = argparse.Namespace(model=None, lora=["/data/a:b/motion.safetensors", "/data/style.pt:0.5"],
+                              decoder="vae", from_file="in.mp4", trust_sources=False)
+    check_sources(args, {"lora"})
+    line = capsys.readouterr().err.strip()
+    assert line == "vidfusion: --from in.mp4 loads: LoRA /data/a:b/motion.safetensors, LoRA /data/style.pt", line

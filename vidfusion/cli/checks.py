@@ -4,7 +4,23 @@ line (exit 2), never dropped; input files are what their flag says; output paths
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+
+
+def lora_specs(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """--lora PATH_OR_ID[:WEIGHT] values (a trailing :number is the weight), checked before anything loads."""
+    specs = []
+    for spec in args.lora:
+        path, sep, weight = spec.rpartition(":")
+        if sep and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", weight):
+            specs.append((path, float(weight)))
+        else:
+            specs.append((spec, 1.0))
+    for path, _ in specs:
+        if not path:
+            raise ValueError("--lora needs a file, folder or hub id, e.g. --lora motion.pt:0.8")
+    return specs
 
 
 def check_at_least_one(args: argparse.Namespace, *names: str) -> None:

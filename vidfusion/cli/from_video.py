@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checks import lora_specs
+
 # settings a T2V-Turbo video stores because --turbo implied them: --no-turbo leaves them behind too
 TURBO_IMPLIED = ("sampler", "num_inference_steps", "guidance_scale")
 LORA_KEYS = ("loras", "lora_weight_name", "lora_target", "lora_scale")
@@ -53,7 +55,7 @@ def check_sources(args: argparse.Namespace, from_file: set[str]) -> None:
     from ..checkpoints.hub import looks_like_repo_id
 
     named = [("model", args.model)] if "model" in from_file else []
-    named += [("LoRA", spec.rpartition(":")[0] or spec) for spec in args.lora] if "lora" in from_file else []
+    named += [("LoRA", path) for path, _ in lora_specs(args)] if "lora" in from_file else []
     decoder = args.decoder.partition(":")[2] if "decoder" in from_file else ""
     named += [("tiny decoder", decoder)] if decoder else []  # a local file, or a hub repo
     inputs = [getattr(args, name) for name in ("init_video", "image", "last_image", "vae", "clip")

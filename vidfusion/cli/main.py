@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from .args import UsageError, build_parser, given_options
-from .checks import check_at_least_one, check_fits, check_inputs, check_out, check_port_free
+from .checks import check_at_least_one, check_fits, check_inputs, check_out, check_port_free, lora_specs
 from .from_video import printable, settings_from_video
 
 
@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     lora_files(args.lora_dir)  # checked before anything loads
     options = ModelOptions(model=str(args.model), variant=args.variant, revision=args.revision, dtype=args.dtype,
-                           vae=args.vae, clip=args.clip, loras=_lora_specs(args),
+                           vae=args.vae, clip=args.clip, loras=lora_specs(args),
                            lora_weight_name=args.lora_weight_name, lora_target=args.lora_target, turbo=args.turbo,
                            lora_dir=args.lora_dir, preview_decoder=args.preview_decoder)
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
@@ -76,38 +76,23 @@ def _keyframes(prompt: str, specs: list[str]) -> dict[int, str] | str:
     return keyframes
 
 
-def _lora_specs(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """--lora PATH_OR_ID[:WEIGHT] values (a trailing :number is the weight), checked before anything loads."""
-    specs = []
-    for spec in args.lora:
-        path, sep, weight = spec.rpartition(":")
-        if sep and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", weight):
-            specs.append((path, float(weight)))
-        else:
-            specs.append((spec, 1.0))
-    for path, _ in specs:
-        if not path:
-            raise ValueError("--lora needs a file, folder or hub id, e.g. --lora motion.pt:0.8")
-    return specs
-
-
 def _lora_metadata(args: argparse.Namespace) -> dict:
     from ..media.metadata import lora_settings
 
-    return lora_settings(_lora_specs(args), args.lora_weight_name, args.lora_target, args.turbo)
+    return lora_settings(lora_specs(args), args.lora_weight_name, args.lora_target, args.turbo)
 
 
 def _apply_loras(pipe, args: argparse.Namespace) -> None:
     from ..lora.apply import apply_loras
 
-    apply_loras(pipe, _lora_specs(args), args.lora_weight_name, args.lora_target, args.turbo)
+    apply_loras(pipe, lora_specs(args), args.lora_weight_name, args.lora_target, args.turbo)
 
 
 def _load(cls, args: argparse.Namespace):
     from ..devices import device_and_dtype
 
     device, dtype = device_and_dtype(args.device, args.dtype)
-    _lora_specs(args)
+    lora_specs(args)
     pipe = cls.from_pretrained(args.model, dtype=dtype, variant=args.variant, revision=args.revision, vae=args.vae,
                                text_encoder=args.clip)
     _apply_loras(pipe, args)
@@ -152,7 +137,7 @@ def _batch(args: argparse.Namespace) -> int:
     records = run(args.input, args.out_dir, model=args.model, variant=args.variant, vae=args.vae, clip=args.clip,
                   dtype=args.dtype,
                   device=args.device, ray=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                  cpus_per_worker=args.cpus_per_worker, loras=_lora_specs(args),
+                  cpus_per_worker=args.cpus_per_worker, loras=lora_specs(args),
                   lora_weight_name=args.lora_weight_name, lora_target=args.lora_target, turbo=args.turbo,
                   max_retries=args.max_retries, max_attempts=args.max_attempts,
                   progress=not args.quiet)
@@ -362,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..pipelines.convert import convert
 
             print(convert(args.src, args.dst, to=args.to, dtype=args.dtype, vae=args.vae, clip=args.clip,
-                          overwrite=args.overwrite, loras=_lora_specs(args), lora_weight_name=args.lora_weight_name,
+                          overwrite=args.overwrite, loras=lora_specs(args), lora_weight_name=args.lora_weight_name,
                           lora_target=args.lora_target, turbo=args.turbo, fuse=args.fuse))
         elif args.command == "train-lora":
             from ..training.train import TrainOptions, train_lora

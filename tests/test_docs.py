@@ -2,9 +2,9 @@
 one folder, in order. One rule swaps what a test machine lacks: the published model ids become the tiny random
 checkpoint (also for a command that names no model), a GPU becomes the CPU and float16 float32, and the tiny
 checkpoint runs at most 4 steps; SERVER_URL / TOKEN name a running test server, a `vidfusion serve` block starts in
-the background on a free port. Files the examples name (in.mp4, clip.mp4, my_dog.mp4, clips/) exist; a block with
-`title="NAME"` is written to NAME. `console` blocks are shown, not run (installs, multi-machine set-ups, HTTP
-transcripts). A renamed flag or parameter fails here. The count of blocks run is printed."""
+the background on a free port. Files the examples name (in.mp4, clip.mp4, my_dog.mp4, clips/, the LoRAs
+motion.safetensors and style.safetensors) exist; a block with `title="NAME"` is written to NAME. `console` blocks
+are shown, not run (installs, multi-machine set-ups, HTTP transcripts). A renamed flag or parameter fails here. The count of blocks run is printed."""
 
 from __future__ import annotations
 
@@ -50,7 +50,23 @@ def shell_commands(body: str) -> list[str]:
     return [line.split(" #")[0].strip() for line in joined.splitlines() if line.strip().startswith("vidfusion ")]
 
 
-def make_inputs(folder: Path) -> None:
+@pytest.fixture(scope="module")
+def lora_files(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The LoRA files docs/lora.md names (motion / style: diffusers-format, rank 4) for the tiny checkpoint."""
+    from vidfusion import TextToVideoPipeline
+
+    from .test_serve_inputs import write_lora
+
+    folder = tmp_path_factory.mktemp("doc-loras")
+    pipe = TextToVideoPipeline.from_pretrained(tiny_checkpoint)
+    write_lora(pipe, folder / "motion.safetensors", 1)
+    write_lora(pipe, folder / "style.safetensors", 2)
+    return folder
+
+
+def make_inputs(folder: Path, loras: Path) -> None:
+    for lora in loras.iterdir():
+        (folder / lora.name).write_bytes(lora.read_bytes())
     frames = (np.random.default_rng(0).random((8, 64, 64, 3)) * 255).astype(np.uint8)
     for name in ("in.mp4", "clip.mp4", "my_dog.mp4"):
         export_to_video(frames, folder / name, fps=8)
@@ -90,9 +106,9 @@ def run_shell(command: str, folder: Path, model: str, servers: list) -> None:
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_every_example_of_the_page_runs(page, tiny_checkpoint, docs_server, tmp_path):
+def test_every_example_of_the_page_runs(page, tiny_checkpoint, docs_server, lora_files, tmp_path):
     text = (DOCS / page).read_text()
-    make_inputs(tmp_path)
+    make_inputs(tmp_path, lora_files)
     servers: list = []
     namespace: dict = {}
     try:

@@ -371,7 +371,7 @@ def test_convert_both_ways(folders, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # identical tensors
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert(to_diffusers, back)
-    with pytest.warns(UserWarning, match="left out"):
+    with pytest.warns(UserWarning, match="holds zeros for that block"):
         convert(to_diffusers, back, overwrite=True, dtype="float16")
     assert read_checkpoint(back / "text2video_pytorch_model.pth")["out.2.weight"].dtype == torch.float16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
@@ -384,3 +384,57 @@ def test_convert_both_ways(folders, tmp_path):
     result = subprocess.run([sys.executable, "-m", "vidfusion", "convert", str(tmp_path / "nope"),
                              str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_init_random_tiny_original_converts_both_ways_to_the_same_video(tmp_path):
+    """What init-random makes, convert takes: `--preset tiny-original` -> original files -> diffusers, as the CLI
+    (subprocesses); all three load to the same weights and the same latents. Catches the plain tiny preset's
+    refusal being the only route, a text tower that lost its last layer without --clip (the reader drops the last
+    block, which the writer left out), and a tokenizer that changed on the way (an original folder implies CLIP's)."""
+    import subprocess
+    import sys
+
+    from vidfusion import TextToVideoPipeline
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vidfusion", *args], capture_output=True, text=True, timeout=300)
+
+    assert cli("init-random", str(tmp_path / "tiny"), "--preset", "tiny-original").returncode == 0
+    assert cli("convert", str(tmp_path / "tiny"), str(tmp_path / "orig")).returncode == 0
+    result = cli("convert", str(tmp_path / "orig"), str(tmp_path / "back"))
+    assert result.returncode == 0 and "Writing" not in result.stderr, result.stderr  # no transformers progress bar
+    latents = []
+    for name in ("tiny", "orig", "back"):
+        pipe = TextToVideoPipeline.from_pretrained(tmp_path / name)
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.text_encoder.config.num_hidden_layers == 2 and pipe.tokenizer.pad_token == "!"
+        latents.append(pipe("a cat on the beach", num_frames=2, height=32, width=32, num_inference_steps=2,
+                            generator=torch.Generator().manual_seed(0), output_type="latent").frames)
+    assert torch.equal(latents[0], latents[1]) and torch.equal(latents[0], latents[2])
+    plain = cli("init-random", str(tmp_path / "plain"))
+    refused = cli("convert", str(tmp_path / "plain"), str(tmp_path / "plain-orig"))
+    assert plain.returncode == 0 and refused.returncode == 2 and "--preset tiny-original" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "plain-orig").exists()
+
+
+def test_a_converted_folder_that_loads_back_differently_is_not_published(tmp_path, monkeypatch):
+    """convert loads what it wrote before reporting success: a rule table that swaps two VAE tensors (same shape)
+    is a ConversionError naming them, and DST is never created."""
+    from vidfusion import convert
+    from vidfusion.checkpoints.original_format import ConversionError
+    from vidfusion.checkpoints.random_checkpoint import write_random_checkpoint
+    from vidfusion.pipelines import convert as convert_module
+
+    source = write_random_checkpoint(tmp_path / "tiny", preset="tiny-original")
+    real = convert_module.vae_to_original
+
+    def swapped(state, config):
+        out = real(state, config)
+        a, b = "decoder.mid.block_1.conv1.weight", "decoder.mid.block_1.conv2.weight"
+        out[a], out[b] = out[b], out[a]
+        return out
+
+    monkeypatch.setattr(convert_module, "vae_to_original", swapped)
+    with pytest.raises(ConversionError, match="vae loads back with other weights"):
+        convert(source, tmp_path / "orig")
+    assert not (tmp_path / "orig").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -200,6 +200,10 @@ def clip_to_openclip(state: dict[str, torch.Tensor], extra: dict[str, torch.Tens
             out[name] = state[key]
     for key, value in (extra or {}).items():
         out.setdefault(key, value)
+    last, kept = f"transformer.resblocks.{layers}.", f"transformer.resblocks.{layers - 1}."
+    if not any(key.startswith(last) for key in out):  # no `extra`: the block the video model skips (it reads the
+        for key in [k for k in out if k.startswith(kept)]:  # penultimate one) kept as zeros, so a reader that drops
+            out[last + key.removeprefix(kept)] = torch.zeros_like(out[key])  # the last block drops this one
     return out
 
 
@@ -222,6 +226,7 @@ def _openclip_candidates(key: str) -> list[str]:
 # ---- tokenizer ------------------------------------------------------------------------------------------------
 
 BPE_VOCAB = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_VOCAB_SIZE = 49408  # 256 bytes x 2 (with and without </w>), 48894 merges, 2 special tokens
 
 
 def clip_tokenizer(cache_dir: str | Path | None = None):
@@ -233,7 +238,7 @@ def clip_tokenizer(cache_dir: str | Path | None = None):
 
     folder = Path(cache_dir or Path(torch.hub.get_dir()).parent / "vidfusion" / "clip-bpe-tokenizer")
     if not (folder / "vocab.json").is_file():
-        merges = gzip.open(BPE_VOCAB).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        merges = gzip.open(BPE_VOCAB).read().decode("utf-8").split("\n")[1:CLIP_VOCAB_SIZE - 512 - 2 + 1]
         _mkdir(folder.parent)
         try:
             with atomic_folder(folder) as tmp:

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from ..models.config import PRESETS
 from ..models.unet3d import UNet3D
 from ..models.vae import AutoencoderKL
+from .original_format import CLIP_VOCAB_SIZE, clip_tokenizer
 from .published import MODEL_INDEX, PUBLISHED_SCHEDULER, config_json, write_bpe_files
 
 WORDS = ("a", "an", "the", "cat", "dog", "is", "on", "in", "of", "and", "surfing", "spiderman", "astronaut",
@@ -81,7 +82,10 @@ def write_random_checkpoint(folder: str | Path, preset: str = "tiny", seed: int 
     save("unet", config_json(unet_cfg, "UNet3DConditionModel"), _randomize(unet, generator), "diffusion_pytorch_model")
     save("vae", config_json(vae_cfg, "AutoencoderKL"), _randomize(vae, generator), "diffusion_pytorch_model")
     save("text_encoder", dict(text_cfg), _randomize(text, generator), "model")
-    write_clip_tokenizer(root / "tokenizer")
+    if text_cfg["vocab_size"] == CLIP_VOCAB_SIZE:  # CLIP's whole vocabulary: its own BPE tokenizer (OpenCLIP's)
+        clip_tokenizer().save_pretrained(str(root / "tokenizer"))
+    else:
+        write_clip_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(PUBLISHED_SCHEDULER, indent=2))
     (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init-random", help="write a random-weight checkpoint in the published layout")
     init.add_argument("dir")
-    init.add_argument("--preset", choices=("tiny", "full"), default="tiny")
+    init.add_argument("--preset", choices=("tiny", "tiny-original", "full"), default="tiny")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--fp16-variant", action="store_true", help="also write *.fp16.safetensors")
     return parser

@@ -189,7 +189,16 @@ TINY_TEXT_ENCODER = dict(
     vocab_size=1000,
 )
 
+# The tiny shapes the original ModelScope format can hold, so `convert` takes them both ways: GroupNorm's 32 groups
+# (the original code fixes them), an OpenCLIP text tower of 64-wide heads and CLIP's whole 49408-token vocabulary
+# (an original folder carries no tokenizer: OpenCLIP's BPE is implied).
+TINY_ORIGINAL_UNET = dataclasses.replace(TINY_UNET, norm_num_groups=32, cross_attention_dim=64)
+TINY_ORIGINAL_VAE = dataclasses.replace(TINY_VAE, block_out_channels=(32, 64), norm_num_groups=32)
+TINY_ORIGINAL_TEXT_ENCODER = dict(TINY_TEXT_ENCODER, hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                                  projection_dim=64, vocab_size=FULL_TEXT_ENCODER["vocab_size"])
+
 PRESETS = {
     "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER),
+    "tiny-original": (TINY_ORIGINAL_UNET, TINY_ORIGINAL_VAE, TINY_ORIGINAL_TEXT_ENCODER),
     "full": (FULL_UNET, FULL_VAE, FULL_TEXT_ENCODER),
 }

@@ -66,7 +66,43 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         else:
             extra = _clip_extra(clip) if clip is not None else None
             _write_original(pipe, tmp, target_dtype, extra)
+        expected = _fingerprints(pipe, target_dtype)
+        del pipe  # the source's weights go before the written folder is loaded back (one model in memory)
+        _check_loads_back(tmp, dst, expected, target_dtype)
     return dst
+
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _fingerprints(pipe, dtype: torch.dtype | None) -> dict[str, dict[str, tuple]]:
+    """Each component's weights as {name: (shape, dtype, sha256 of the bytes)} in the written precision."""
+    import hashlib
+
+    out = {}
+    for name in COMPONENTS:
+        state = _cast(getattr(pipe, name).state_dict(), dtype)
+        out[name] = {k: (tuple(v.shape), str(v.dtype), hashlib.sha256(v.cpu().view(-1).view(torch.uint8).numpy()
+                                                                        ).hexdigest())
+                     for k, v in state.items() if "position_ids" not in k}
+    return out
+
+
+def _check_loads_back(folder: Path, dst: Path, expected: dict[str, dict[str, tuple]], dtype: torch.dtype | None
+                      ) -> None:
+    """The written folder loaded by vidfusion gives the source's weights bit for bit, or the conversion fails (and
+    DST is not created): catches a layout the loader cannot read or a tensor renamed, dropped or garbled."""
+    try:
+        again = _fingerprints(TextToVideoPipeline.from_pretrained(folder), dtype)
+    except Exception as exc:
+        raise ConversionError(f"the converted folder does not load back ({exc}); nothing was written to '{dst}'"
+                              ) from exc
+    for name in COMPONENTS:
+        differ = sorted(k for k in expected[name].keys() | again[name].keys()
+                        if expected[name].get(k) != again[name].get(k))
+        if differ:
+            raise ConversionError(f"the converted {name} loads back with other weights ({', '.join(differ[:5])}"
+                                  f"{' ...' if len(differ) > 5 else ''}); nothing was written to '{dst}'")
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -87,8 +123,10 @@ def _write_diffusers(pipe, folder: Path, dtype: torch.dtype | None) -> None:
             config = dataclasses.replace(config, time_cond_proj_dim=model.guidance_embedding_dim)
         (folder / name / "config.json").write_text(json.dumps(config_json(config, cls), indent=2))
         save_file(_cast(model.state_dict(), dtype), folder / name / "diffusion_pytorch_model.safetensors")
-    text = pipe.text_encoder.to(dtype) if dtype is not None else pipe.text_encoder
-    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    (folder / "text_encoder").mkdir()  # as transformers' save_pretrained lays it out, without its progress bars
+    pipe.text_encoder.config.to_json_file(folder / "text_encoder" / "config.json")
+    save_file(_cast(pipe.text_encoder.state_dict(), dtype), folder / "text_encoder" / "model.safetensors",
+              metadata={"format": "pt"})
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(pipe.scheduler.config), indent=2))
@@ -110,7 +148,9 @@ def _write_original(pipe, folder: Path, dtype: torch.dtype | None, clip_extra: d
     cfg = pipe.unet.config
     if cfg.norm_num_groups != 32 or pipe.vae.config.norm_num_groups != 32:
         raise ConversionError("the original format fixes GroupNorm at 32 groups; this checkpoint uses "
-                              f"{cfg.norm_num_groups} (UNet) / {pipe.vae.config.norm_num_groups} (VAE)")
+                              f"{cfg.norm_num_groups} (UNet) / {pipe.vae.config.norm_num_groups} (VAE); a tiny "
+                              "test checkpoint that converts both ways: "
+                              "vidfusion init-random DIR --preset tiny-original")
     if len(set(cfg.head_dims)) != 1:
         raise ConversionError(f"the original format has one unet_head_dim; this UNet has {cfg.head_dims}")
     channels = cfg.block_out_channels
@@ -135,8 +175,8 @@ def _write_original(pipe, folder: Path, dtype: torch.dtype | None, clip_extra: d
     torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in vae.items()}},
                folder / files["ckpt_autoencoder"])
     if clip_extra is None:
-        warnings.warn("the text tower's last block, projection and visual weights are not in a diffusers checkpoint "
-                      "and were left out of open_clip_pytorch_model.bin (pass clip= / --clip with the original file "
-                      "to copy them)", stacklevel=3)
+        warnings.warn("the text tower's last block (which the video model skips), projection and visual weights are "
+                      "not in a diffusers checkpoint: open_clip_pytorch_model.bin holds zeros for that block and "
+                      "leaves the rest out (pass clip= / --clip with the original file to copy them)", stacklevel=3)
     text = clip_to_openclip(pipe.text_encoder.state_dict(), clip_extra)
     torch.save(_cast(text, dtype), folder / files["ckpt_clip"])

@@ -4,7 +4,8 @@ checkpoint (also for a command that names no model), a GPU becomes the CPU and f
 checkpoint runs at most 4 steps; SERVER_URL / TOKEN name a running test server, a `vidfusion serve` block starts in
 the background on a free port. Files the examples name (in.mp4, clip.mp4, my_dog.mp4, clips/, the LoRAs
 motion.safetensors and style.safetensors) exist; a block with `title="NAME"` is written to NAME. `console` blocks
-are shown, not run (installs, multi-machine set-ups, HTTP transcripts). A renamed flag or parameter fails here. The count of blocks run is printed."""
+are shown, not run (installs, multi-machine set-ups, HTTP transcripts). A renamed flag or parameter fails here. The
+count of blocks run is printed."""
 
 from __future__ import annotations
 

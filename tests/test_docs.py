@@ -167,3 +167,17 @@ def test_readme_is_short_and_links_every_page():
     index = (DOCS / "index.md").read_text()
     nav = [p for p in PAGES if p not in ("index.md",)]
     assert all(p in index for p in nav if p not in ("hooks.py",)), [p for p in nav if p not in index]
+
+
+def test_the_charts_are_drawn_from_results_md():
+    """Catches a chart edited by hand or left behind when RESULTS.md changed: `python docs/charts.py` would draw
+    exactly the committed SVGs (and every chart has a bar per figure it reads)."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        import charts
+    finally:
+        sys.path.remove(str(DOCS))
+    text = (DOCS.parent / "benchmarks" / "RESULTS.md").read_text()
+    assert len(charts.headline_seconds(text)) >= 3 and len(charts.memory_rows(text)) >= 6
+    for name, svg in charts.charts(text).items():
+        assert (DOCS / "assets" / name).read_text() == svg, f"docs/assets/{name} is stale: run python docs/charts.py"

@@ -133,6 +133,51 @@ def test_413_before_the_body_is_read(server):
     assert status == 413
 
 
+def test_uploads_read_into_memory_at_once_are_capped(tmp_path, monkeypatch):
+    """Catches uploads read whole into memory without a bound (N concurrent requests = N x 3 files in memory):
+    with --max-concurrent-uploads 1, a second upload while the first one's files are being read is answered 429
+    with Retry-After, before its files are read; once the first is done, the next one is taken."""
+    import asyncio
+
+    import httpx
+
+    from vidfusion.serve import uploads
+    from vidfusion.serve.app import create_app
+    from vidfusion.serve.params import ServeSettings
+
+    inside, release = threading.Event(), threading.Event()
+    real = uploads.store_picture
+    reads = []
+
+    def slow_store(*args, **kwargs):
+        reads.append(1)
+        inside.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(uploads, "store_picture", slow_store)
+    settings = ServeSettings(data_dir=str(tmp_path / "data"), max_concurrent_uploads=1, max_pixels=64 * 64)
+    app = create_app(JobStore(settings.data_dir), [], settings)
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(png, format="PNG")
+    form = {"data": {"params": '{"prompt": "a cat", "height": 32, "width": 32}'},
+            "files": {"image": ("p.png", png.getvalue(), "image/png")}}
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            first = asyncio.create_task(c.post("/v1/videos/upload", **form))
+            await asyncio.get_running_loop().run_in_executor(None, inside.wait, 30)
+            second = await c.post("/v1/videos/upload", **form)
+            release.set()
+            return await first, second, await c.post("/v1/videos/upload", **form)
+
+    first, second, third = asyncio.run(scenario())
+    assert first.status_code == 202 and third.status_code == 202, (first.text, third.text)
+    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert "--max-concurrent-uploads" in second.json()["detail"] and len(reads) == 2  # the refused one read nothing
+
+
 def test_prompt_edits_are_capped_and_encoded_once_per_text(server, ours):
     """Catches one CLIP encoding per step: `[a|b]` over 50 steps runs the text encoder for 2 texts, not 50 (and
     keeps 2 sets of keys/values); the service refuses prompts with more distinct texts than its cap."""

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-frames", type=int, default=128)
     srv.add_argument("--max-pixels", type=int, default=1024 * 1024, help="most height x width per frame")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture or video a request may upload")
+    srv.add_argument("--max-concurrent-uploads", type=int, default=4,
+                     help="upload requests whose files are read into memory at once; more answer 429")
     srv.add_argument("--max-output-frames", type=int, default=512,
                      help="most frames a video may have after interpolation (num_frames x interpolate_fps / fps)")
     srv.add_argument("--keep-days", type=float, default=None,

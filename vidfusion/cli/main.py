@@ -28,7 +28,8 @@ def _serve(args: argparse.Namespace) -> None:
     if not is_loopback(args.host) and token is None:
         raise ValueError(f"refusing to serve on non-loopback host {args.host!r} without a token: pass --token or "
                          "set VIDFUSION_TOKEN")
-    check_at_least_one(args, "max_queue", "max_frames", "max_pixels", "workers", "max_output_frames")
+    check_at_least_one(args, "max_queue", "max_frames", "max_pixels", "workers", "max_output_frames",
+                       "max_concurrent_uploads")
     if args.keep_days is not None and not args.keep_days > 0:
         raise ValueError(f"--keep-days must be above 0, got {args.keep_days}")
     if not 0 < args.port < 65536:
@@ -55,7 +56,8 @@ def _serve(args: argparse.Namespace) -> None:
                            lora_dir=args.lora_dir, preview_decoder=args.preview_decoder)
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
                              max_frames=args.max_frames, max_pixels=args.max_pixels,
-                             max_upload_mb=args.max_upload_mb, model=str(args.model), host=args.host,
+                             max_upload_mb=args.max_upload_mb, max_concurrent_uploads=args.max_concurrent_uploads,
+                             model=str(args.model), host=args.host,
                              max_output_frames=args.max_output_frames, keep_days=args.keep_days)
     if args.ray is None:
         app = local_app(settings, options, args.device or [None])

@@ -85,7 +85,8 @@ DESCRIPTIONS = {
     413: "Body or file over this server's upload limit (--max-upload-mb)",
     415: "Unsupported Content-Type for this operation",
     422: "A field is wrong: `detail` names it",
-    429: "The queue is full: retry after `Retry-After` seconds",
+    429: "The queue is full, or (uploads) --max-concurrent-uploads requests are being read: retry after "
+         "`Retry-After` seconds",
 }
 
 

@@ -3,6 +3,7 @@ job, so a re-run after a crash uses the same bytes and a refused request leaves 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 from pathlib import Path
@@ -96,6 +97,7 @@ def add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings, l
     """POST /v1/videos/upload: a job with input files (multipart); `links`: the created job's operations."""
 
     upload_model = limited(UploadRequest, settings)  # parsed from the `params` text, so no annotation is needed
+    slots = asyncio.Semaphore(settings.max_concurrent_uploads)  # the files of this many requests in memory at once
 
     @api.post("/videos/upload", status_code=202, response_model=Job, operation_id="create_video_with_inputs",
               responses={202: {"description": "Queued", "links": links},
@@ -125,6 +127,17 @@ def add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings, l
             raise RequestValidationError([{**e, "loc": ("body", "params", *e["loc"])} for e in exc.errors()]
                                          ) from None
         uploads = {"video": video, "image": image, "last_image": last_image}
+        if slots.locked():  # decided before any file is read: a flood of uploads cannot fill the memory
+            raise HTTPException(429, f"{settings.max_concurrent_uploads} uploads are being read now (this server's "
+                                     "--max-concurrent-uploads); retry after Retry-After seconds",
+                                headers={"Retry-After": "1"})
+        async with slots:
+            return await _create(uploads, body, idempotency_key)
+
+    async def _create(uploads: dict[str, UploadFile | None], body: Any, idempotency_key: str | None
+                      ) -> dict[str, Any]:
+        """Read, check and keep the files (413 / 422 naming the field), then queue the job; nothing is left behind
+        when it is refused."""
         held: list[str] = []  # input files this request holds (JobStore.hold_input)
         refused = True
         try:

@@ -208,6 +208,27 @@ def test_host_and_origin_are_checked(server):
         assert c.get("/v1/videos", headers={"Host": "localhost"}).status_code == 200
 
 
+def test_allowed_origin_lets_a_proxys_page_call_the_api(tmp_path):
+    """Catches a server unusable behind a Host-rewriting proxy (its page's Origin is the proxy's public name, the
+    Host the server's own address: refused as cross-site) and an allow-list that lets every origin in: only the named
+    origin (as browsers send it, any case) passes; a malformed --allowed-origin is one line, exit 2, before loading."""
+    from fastapi.testclient import TestClient
+
+    from vidfusion.serve.app import create_app
+    from vidfusion.serve.params import ServeSettings
+
+    settings = ServeSettings(data_dir=str(tmp_path / "data"), allowed_origins=("https://Videos.example.com/",))
+    app = create_app(JobStore(settings.data_dir), [], settings)
+    c = TestClient(app, base_url="http://127.0.0.1:7860")  # without its lifespan: listing jobs needs no worker
+    assert c.get("/v1/videos", headers={"Origin": "https://videos.example.com"}).status_code == 200
+    for other in ("https://evil.example", "http://videos.example.com", "https://videos.example.com.evil.example"):
+        assert c.get("/v1/videos", headers={"Origin": other}).status_code == 403, other
+    result = subprocess.run([sys.executable, "-m", "vidfusion", "serve", "--model", str(tmp_path / "none"),
+                             "--allowed-origin", "videos.example.com"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "scheme://host[:port]" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_healthz_reports_a_dead_worker_and_keeps_details_for_the_token(server):
     """Catches `ok` while the worker thread is dead, and host names / pids shown to anyone."""
     import httpx

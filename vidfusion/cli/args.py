@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-frames", type=int, default=128)
     srv.add_argument("--max-pixels", type=int, default=1024 * 1024, help="most height x width per frame")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest picture or video a request may upload")
+    srv.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                     help="another origin whose pages may call /v1 (repeatable), e.g. the public https://NAME of a "
+                          "reverse proxy that rewrites Host to this server's address")
     srv.add_argument("--max-concurrent-uploads", type=int, default=4,
                      help="upload requests whose files are read into memory at once; more answer 429")
     srv.add_argument("--max-output-frames", type=int, default=512,

@@ -22,9 +22,10 @@ def slugify(text: str, limit: int = 60) -> str:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from ..serve.guard import is_loopback
+    from ..serve.guard import is_loopback, origin_of
 
     token = args.token or None
+    origins = tuple(origin_of(url) for url in args.allowed_origin)
     if not is_loopback(args.host) and token is None:
         raise ValueError(f"refusing to serve on non-loopback host {args.host!r} without a token: pass --token or "
                          "set VIDFUSION_TOKEN")
@@ -57,6 +58,7 @@ def _serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(data_dir=args.data_dir, token=token, max_queue=args.max_queue,
                              max_frames=args.max_frames, max_pixels=args.max_pixels,
                              max_upload_mb=args.max_upload_mb, max_concurrent_uploads=args.max_concurrent_uploads,
+                             allowed_origins=origins,
                              model=str(args.model), host=args.host,
                              max_output_frames=args.max_output_frames, keep_days=args.keep_days)
     if args.ray is None:

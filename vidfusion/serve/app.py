@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from ..sampling.names import SAMPLER_NAMES
 from .contract import Health, Job, JobList, LoraList, install_handlers, responses
-from .guard import RequestGuard, allowed_hosts
+from .guard import RequestGuard, allowed_hosts, origin_of
 from .jobs import FINISHED, STATUSES, JobStore
 from .params import ServeSettings, VideoRequest, limited, submit_job, video_params
 from .ui import render_ui
@@ -195,8 +195,8 @@ def create_app(store: JobStore, workers: Sequence[Any], settings: ServeSettings)
     app.state.store = store
     app.include_router(_jobs_api(store, settings))
     install_handlers(app)
-    app.add_middleware(RequestGuard, hosts=allowed_hosts(settings.host),
-                       upload_limit=upload_body_limit(settings))
+    app.add_middleware(RequestGuard, hosts=allowed_hosts(settings.host), upload_limit=upload_body_limit(settings),
+                       origins=frozenset(origin_of(o) for o in settings.allowed_origins))
     token_ok = _token_check(settings)
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "a worker died"},

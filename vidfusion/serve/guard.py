@@ -52,8 +52,11 @@ class RequestGuard:
     another type than its route takes, 413 for a body over `upload_limit` bytes on the upload route (over
     JSON_BODY_LIMIT elsewhere)."""
 
-    def __init__(self, app: ASGIApp, hosts: frozenset[str] | None, upload_limit: int):
-        self.app, self.hosts, self.upload_limit = app, hosts, upload_limit
+    def __init__(self, app: ASGIApp, hosts: frozenset[str] | None, upload_limit: int,
+                 origins: frozenset[str] = frozenset()):
+        """origins: other sites' origins whose pages may call /v1 (--allowed-origin; e.g. the public name of a
+        proxy that rewrites `Host` to this server's address), as `origin_of` writes them."""
+        self.app, self.hosts, self.upload_limit, self.origins = app, hosts, upload_limit, origins
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -65,7 +68,8 @@ class RequestGuard:
                                             f"use http://127.0.0.1 or start the server with --host NAME")
         path = scope.get("path", "")
         origin = headers.get("origin")
-        if path.startswith("/v1") and origin is not None and not _same_origin(origin, host):
+        if path.startswith("/v1") and origin is not None and not (_same_origin(origin, host)
+                                                                  or _origin_key(origin) in self.origins):
             return await _refuse(send, 403, f"cross-site request from {origin!r} refused: only this server's own "
                                             "page may call /v1 from a browser")
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -81,6 +85,21 @@ class RequestGuard:
                                  f"request body of {length} bytes: this server takes at most {limit} here "
                                  "(--max-upload-mb)" if valid else "malformed Content-Length")
         await self.app(scope, _capped(receive, limit), send)
+
+
+def _origin_key(origin: str) -> str | None:
+    parts = urlsplit(origin.strip())
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme in ("http", "https") and parts.netloc else None
+
+
+def origin_of(url: str) -> str:
+    """An --allowed-origin value checked and normalized (`https://Videos.example.com/` -> `https://videos.example.com`):
+    scheme and host[:port] only, as browsers send `Origin`."""
+    key = _origin_key(url)
+    if key is None or urlsplit(url.strip()).path not in ("", "/") or "?" in url or "#" in url:
+        raise ValueError(f"--allowed-origin {url!r} is not an origin: give scheme://host[:port], e.g. "
+                         "https://videos.example.com")
+    return key
 
 
 def _same_origin(origin: str, host: str) -> bool:

@@ -36,6 +36,7 @@ class ServeSettings:
     default_sampler: str = "ddim"  # the solver a request without `sampler` runs (t2v-turbo on a turbo server)
     cache_branches: int = 12  # DeepCache skip branches of the model's UNet
     host: str = "127.0.0.1"  # the bound address: requests must name it (or a loopback name) in `Host`
+    allowed_origins: tuple[str, ...] = ()  # other origins whose pages may call /v1 (guard.origin_of normalizes them)
     max_output_frames: int = 512  # frames a video may have after interpolation (num_frames x interpolate_fps / fps)
     max_prompt_texts: int = 32  # distinct texts prompt editing ([a:b:when], [a|b]) may give over the steps
     keep_days: float | None = None  # finished jobs (record, video, inputs) removed this long after they finished

@@ -24,7 +24,7 @@ from vidfusion.serve.jobs import QUEUED, RUNNING, SUCCEEDED, JobStore
 from vidfusion.serve.render import JobResult
 from vidfusion.serve.worker import Worker
 
-from .serve_helpers import SMALL, Server, wait_for
+from .serve_helpers import SMALL, Server
 
 HOOKS = Path(__file__).parent / "hooks"
 TOKEN = "hardening-token"
@@ -321,35 +321,40 @@ def test_a_finished_video_is_on_the_disk_before_the_job_says_succeeded(tmp_path,
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_a_preview_replaced_while_it_is_sent_comes_whole(server):
+def test_a_preview_replaced_while_it_is_sent_comes_whole(tmp_path):
     """Catches a FileResponse for the preview: it stats the file, then opens it; the worker renames a new preview
     over it at every step in between, so the response announced one picture's length and sent another's bytes (a
-    cut connection under schemathesis). Every answer must be exactly one of the pictures written."""
+    cut connection under schemathesis). Every answer must be exactly one of the pictures written, at its length."""
+    from fastapi.testclient import TestClient
+
     from vidfusion.media.fileio import write_bytes
+    from vidfusion.serve.app import create_app
+    from vidfusion.serve.params import ServeSettings
 
-    with server.client() as c:
-        job = c.post("/v1/videos", json={**SMALL, "prompt": "a preview race"}).json()
-        wait_for(c, job["id"])
-        path = server.data_dir / "images" / f"{job['id']}.preview.png"
-        versions = [bytes([n]) * size for n, size in enumerate((70_000, 300, 140_000, 5))]
-        stop = threading.Event()
+    settings = ServeSettings(data_dir=str(tmp_path / "data"), max_pixels=64 * 64)
+    store = JobStore(settings.data_dir)
+    c = TestClient(create_app(store, [], settings), base_url="http://127.0.0.1:7860")  # no worker: it stays queued
+    job = c.post("/v1/videos", json={**SMALL, "prompt": "a preview race"}).json()
+    path = store.preview_path(job["id"])
+    versions = [bytes([n]) * size for n, size in enumerate((70_000, 300, 140_000, 5))]
+    stop = threading.Event()
 
-        def replace() -> None:
-            n = 0
-            while not stop.is_set():
-                write_bytes(path, versions[n % len(versions)])
-                n += 1
+    def replace() -> None:
+        n = 0
+        while not stop.is_set():
+            write_bytes(path, versions[n % len(versions)])
+            n += 1
 
-        writer = threading.Thread(target=replace)
-        writer.start()
-        try:
-            for _ in range(150):
-                r = c.get(f"/v1/videos/{job['id']}/preview")
-                assert r.status_code == 200 and r.content in versions
-                assert int(r.headers["content-length"]) == len(r.content)
-        finally:
-            stop.set()
-            writer.join()
+    writer = threading.Thread(target=replace)
+    writer.start()
+    try:
+        for _ in range(300):
+            r = c.get(f"/v1/videos/{job['id']}/preview")
+            assert r.status_code == 200 and r.content in versions
+            assert int(r.headers["content-length"]) == len(r.content)
+    finally:
+        stop.set()
+        writer.join()
 
 
 def test_keep_days_removes_old_finished_jobs_only(tmp_path):

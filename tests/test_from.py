@@ -148,3 +148,29 @@ def test_from_names_lora_paths_as_the_command_line_reads_them(capsys):
     check_sources(args, {"lora"})
     line = capsys.readouterr().err.strip()
     assert line == "vidfusion: --from in.mp4 loads: LoRA /data/a:b/motion.safetensors, LoRA /data/style.pt", line
+
+
+def test_from_counts_a_model_as_cached_only_at_the_recorded_revision(tmp_path, monkeypatch, capsys):
+    """Catches the cache check that looked at `main` only: a file recording revision v2 of a repo whose main alone
+    is cached would download v2 without asking. Cached at main: loads as today; v2: needs --trust-sources."""
+    import argparse
+
+    import huggingface_hub.constants
+
+    from vidfusion.cli.from_video import check_sources
+
+    repo = tmp_path / "hub" / "models--someorg--t2v"
+    commit = "a" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def args(revision):
+        return argparse.Namespace(model="someorg/t2v", revision=revision, lora=[], decoder="vae",
+                                  from_file="in.mp4", trust_sources=False)
+
+    check_sources(args(None), {"model", "revision"})  # cached at main: no question
+    with pytest.raises(ValueError, match="someorg/t2v.*--trust-sources"):
+        check_sources(args("v2"), {"model", "revision"})

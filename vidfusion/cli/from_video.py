@@ -65,7 +65,8 @@ def check_sources(args: argparse.Namespace, from_file: set[str]) -> None:
         return
     print(f"vidfusion: --from {printable(args.from_file)} loads: {printable(', '.join(shown))}", file=sys.stderr)
     inputs += [name for kind, name in named if kind == "tiny decoder" and not looks_like_repo_id(name)]
-    downloads = [name for _, name in named if looks_like_repo_id(name) and not _cached(name)]
+    downloads = [name for kind, name in named if looks_like_repo_id(name)
+                 and not _cached(name, getattr(args, "revision", None) if kind == "model" else None)]
     untrusted = inputs + downloads
     if not untrusted or args.trust_sources:
         return
@@ -78,12 +79,13 @@ def check_sources(args: argparse.Namespace, from_file: set[str]) -> None:
                      "used only with --trust-sources (check them first)")
 
 
-def _cached(repo_id: str) -> bool:
-    """Whether the Hugging Face cache already holds this repo (then nothing is downloaded)."""
+def _cached(repo_id: str, revision: str | None = None) -> bool:
+    """Whether the Hugging Face cache already holds this repo at `revision` (default main): then nothing is
+    downloaded."""
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(repo_id, local_files_only=True)
+        snapshot_download(repo_id, revision=revision, local_files_only=True)
     except Exception:
         return False
     return True

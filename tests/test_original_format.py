@@ -418,10 +418,10 @@ def test_init_random_tiny_original_converts_both_ways_to_the_same_video(tmp_path
 
 
 def test_a_converted_folder_that_loads_back_differently_is_not_published(tmp_path, monkeypatch):
-    """convert loads what it wrote before reporting success: a rule table that swaps two VAE tensors (same shape)
-    is a ConversionError naming them, and DST is never created."""
+    """convert loads what it wrote before reporting success: a rule table that swaps two VAE tensors (same shape),
+    or a VAE config with another latent scale (same weights), is an error naming them (a fault of convert: exit 1,
+    not an input mistake), and DST is never created."""
     from vidfusion import convert
-    from vidfusion.checkpoints.original_format import ConversionError
     from vidfusion.checkpoints.random_checkpoint import write_random_checkpoint
     from vidfusion.pipelines import convert as convert_module
 
@@ -435,6 +435,16 @@ def test_a_converted_folder_that_loads_back_differently_is_not_published(tmp_pat
         return out
 
     monkeypatch.setattr(convert_module, "vae_to_original", swapped)
-    with pytest.raises(ConversionError, match="vae loads back with other weights"):
+    with pytest.raises(convert_module.ConvertedFolderError, match="vae loads back with other weights"):
         convert(source, tmp_path / "orig")
     assert not (tmp_path / "orig").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    real_config = convert_module.config_json
+
+    def other_scale(config, cls):  # the same weights, another latent scale: only the configs can tell
+        out = real_config(config, cls)
+        return {**out, "scaling_factor": 0.5} if cls == "AutoencoderKL" else out
+
+    monkeypatch.setattr(convert_module, "config_json", other_scale)
+    with pytest.raises(convert_module.ConvertedFolderError, match="vae loads back with another configuration"):
+        convert(source, tmp_path / "again", to="diffusers")
+    assert not (tmp_path / "again").exists()

@@ -133,10 +133,11 @@ def test_413_before_the_body_is_read(server):
     assert status == 413
 
 
-def test_uploads_read_into_memory_at_once_are_capped(tmp_path, monkeypatch):
-    """Catches uploads read whole into memory without a bound (N concurrent requests = N x 3 files in memory):
-    with --max-concurrent-uploads 1, a second upload while the first one's files are being read is answered 429
-    with Retry-After, before its files are read; once the first is done, the next one is taken."""
+def test_uploads_received_at_once_are_capped(tmp_path, monkeypatch):
+    """Catches uploads bounded only after the multipart parser has held their parts in memory (or not at all):
+    with --max-concurrent-uploads 1, a second upload while the first is being read is answered 429 with
+    Retry-After by the guard, before its body is received (its parts never reach the route); an upload without the
+    token is a 401 there (a stranger holds no slot); a refused upload (422) gives its slot back."""
     import asyncio
 
     import httpx
@@ -156,26 +157,34 @@ def test_uploads_read_into_memory_at_once_are_capped(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(uploads, "store_picture", slow_store)
-    settings = ServeSettings(data_dir=str(tmp_path / "data"), max_concurrent_uploads=1, max_pixels=64 * 64)
+    settings = ServeSettings(data_dir=str(tmp_path / "data"), max_concurrent_uploads=1, max_pixels=64 * 64,
+                             token="t")
     app = create_app(JobStore(settings.data_dir), [], settings)
     png = io.BytesIO()
     Image.new("RGB", (32, 32)).save(png, format="PNG")
-    form = {"data": {"params": '{"prompt": "a cat", "height": 32, "width": 32}'},
-            "files": {"image": ("p.png", png.getvalue(), "image/png")}}
+    params = {"params": '{"prompt": "a cat", "height": 32, "width": 32}'}
+    form = {"data": params, "files": {"image": ("p.png", png.getvalue(), "image/png")}}
+    bad = {"data": params, "files": {"image": ("p.png", b"not a picture", "image/png")}}
 
-    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+    async def scenario() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1",
+                                     headers={"Authorization": "Bearer t"}) as c:
             first = asyncio.create_task(c.post("/v1/videos/upload", **form))
             await asyncio.get_running_loop().run_in_executor(None, inside.wait, 30)
             second = await c.post("/v1/videos/upload", **form)
+            stranger = await c.post("/v1/videos/upload", headers={"Authorization": "Bearer wrong"}, **form)
             release.set()
-            return await first, second, await c.post("/v1/videos/upload", **form)
+            done = await first
+            refused = await c.post("/v1/videos/upload", **bad)
+            return [done, second, stranger, refused, await c.post("/v1/videos/upload", **form)]
 
-    first, second, third = asyncio.run(scenario())
-    assert first.status_code == 202 and third.status_code == 202, (first.text, third.text)
-    assert second.status_code == 429 and second.headers["retry-after"] == "1"
-    assert "--max-concurrent-uploads" in second.json()["detail"] and len(reads) == 2  # the refused one read nothing
+    first, second, stranger, refused, last = asyncio.run(scenario())
+    assert first.status_code == 202 and last.status_code == 202, (first.text, last.text)
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert "--max-concurrent-uploads" in second.json()["detail"] and stranger.status_code == 401
+    assert refused.status_code == 422  # and its slot came back: the last upload was taken
+    assert len(reads) == 3  # first, the refused one's picture check, last: never the 429's or the stranger's
 
 
 def test_prompt_edits_are_capped_and_encoded_once_per_text(server, ours):
@@ -221,8 +230,18 @@ def test_allowed_origin_lets_a_proxys_page_call_the_api(tmp_path):
     app = create_app(JobStore(settings.data_dir), [], settings)
     c = TestClient(app, base_url="http://127.0.0.1:7860")  # without its lifespan: listing jobs needs no worker
     assert c.get("/v1/videos", headers={"Origin": "https://videos.example.com"}).status_code == 200
-    for other in ("https://evil.example", "http://videos.example.com", "https://videos.example.com.evil.example"):
+    for other in ("https://evil.example", "http://videos.example.com", "https://videos.example.com.evil.example",
+                  "https://videos.example.com:8443", "null"):
         assert c.get("/v1/videos", headers={"Origin": other}).status_code == 403, other
+    from vidfusion.serve.guard import origin_of
+
+    assert origin_of("https://Videos.Example.com:443/") == "https://videos.example.com"  # browsers drop :443
+    assert origin_of("http://localhost:8080") == "http://localhost:8080"
+    assert origin_of("https://vidéos.example") == "https://xn--vidos-dsa.example"  # browsers send the IDNA form
+    for wrong in ("videos.example.com", "https://user:pw@videos.example.com", "https://videos.example.com:99999",
+                  "https://*", "https://a b.com", "https://videos.example.com/ui", "ftp://videos.example.com"):
+        with pytest.raises(ValueError, match="is not an origin"):
+            origin_of(wrong)
     result = subprocess.run([sys.executable, "-m", "vidfusion", "serve", "--model", str(tmp_path / "none"),
                              "--allowed-origin", "videos.example.com"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "scheme://host[:port]" in result.stderr

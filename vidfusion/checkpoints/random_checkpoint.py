@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -82,8 +83,9 @@ def write_random_checkpoint(folder: str | Path, preset: str = "tiny", seed: int 
     save("unet", config_json(unet_cfg, "UNet3DConditionModel"), _randomize(unet, generator), "diffusion_pytorch_model")
     save("vae", config_json(vae_cfg, "AutoencoderKL"), _randomize(vae, generator), "diffusion_pytorch_model")
     save("text_encoder", dict(text_cfg), _randomize(text, generator), "model")
-    if text_cfg["vocab_size"] == CLIP_VOCAB_SIZE:  # CLIP's whole vocabulary: its own BPE tokenizer (OpenCLIP's)
-        clip_tokenizer().save_pretrained(str(root / "tokenizer"))
+    if text_cfg["vocab_size"] == CLIP_VOCAB_SIZE:  # CLIP's whole vocabulary: its own BPE tokenizer (OpenCLIP's),
+        with tempfile.TemporaryDirectory() as scratch:  # built in a scratch folder (nothing left in the user's cache)
+            clip_tokenizer(Path(scratch) / "bpe").save_pretrained(str(root / "tokenizer"))
     else:
         write_clip_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir(exist_ok=True)

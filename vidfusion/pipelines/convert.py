@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,49 +61,75 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         apply_loras(pipe, loras or [], lora_weight_name, lora_target, turbo)
         if pipe.unet.guidance_embedding_dim is not None and to != "diffusers":
             raise ValueError("a T2V-Turbo UNet (guidance embedding) has no original-format names; use to='diffusers'")
+    expected = _fingerprint(pipe, target_dtype)  # before writing: a writer that changed the model is caught too
     with atomic_folder(dst, replace=True) as tmp:
         if to == "diffusers":
             _write_diffusers(pipe, tmp, target_dtype)
         else:
             extra = _clip_extra(clip) if clip is not None else None
             _write_original(pipe, tmp, target_dtype, extra)
-        expected = _fingerprints(pipe, target_dtype)
+            del extra
         del pipe  # the source's weights go before the written folder is loaded back (one model in memory)
         _check_loads_back(tmp, dst, expected, target_dtype)
     return dst
 
 
+class ConvertedFolderError(RuntimeError):
+    """The folder convert wrote does not load back as the source (a fault of convert, not of the input: exit 1)."""
+
+
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 
-def _fingerprints(pipe, dtype: torch.dtype | None) -> dict[str, dict[str, tuple]]:
-    """Each component's weights as {name: (shape, dtype, sha256 of the bytes)} in the written precision."""
+def _fingerprint(pipe, dtype: torch.dtype | None) -> dict[str, Any]:
+    """What a converted folder must give back: each component's weights as {name: (shape, dtype, sha256)} in the
+    written precision (cast and hashed one tensor at a time), the configs that shape the computation, the
+    scheduler's schedule and the tokenizer's ids for a sample text."""
     import hashlib
 
-    out = {}
+    out: dict[str, Any] = {}
     for name in COMPONENTS:
-        state = _cast(getattr(pipe, name).state_dict(), dtype)
-        out[name] = {k: (tuple(v.shape), str(v.dtype), hashlib.sha256(v.cpu().view(-1).view(torch.uint8).numpy()
-                                                                        ).hexdigest())
-                     for k, v in state.items() if "position_ids" not in k}
+        weights = {}
+        for key, value in getattr(pipe, name).state_dict().items():
+            if "position_ids" not in key:
+                v = _cast({key: value}, dtype)[key]
+                weights[key] = (tuple(v.shape), str(v.dtype),
+                                hashlib.sha256(v.cpu().view(-1).view(torch.uint8).numpy()).hexdigest())
+        out[name] = weights
+    u, v, t = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+    out["configs"] = {
+        "unet": (u.in_channels, u.out_channels, u.down_block_types, u.up_block_types, u.block_out_channels,
+                 u.layers_per_block, u.norm_num_groups, u.cross_attention_dim, u.head_dims,
+                 pipe.unet.guidance_embedding_dim),
+        "vae": (v.block_out_channels, v.layers_per_block, v.latent_channels, v.norm_num_groups, v.scaling_factor),
+        "text_encoder": (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size,
+                         t.vocab_size, t.hidden_act, t.layer_norm_eps),
+        "scheduler": {k: pipe.scheduler.options.get(k) for k in ("prediction_type", "num_train_timesteps",
+                                                                  "beta_schedule", "beta_start", "beta_end")},
+        "tokenizer": tuple(pipe.tokenizer("a cat is surfing a wave at sunset, 4k").input_ids)}
     return out
 
 
-def _check_loads_back(folder: Path, dst: Path, expected: dict[str, dict[str, tuple]], dtype: torch.dtype | None
-                      ) -> None:
-    """The written folder loaded by vidfusion gives the source's weights bit for bit, or the conversion fails (and
-    DST is not created): catches a layout the loader cannot read or a tensor renamed, dropped or garbled."""
+def _check_loads_back(folder: Path, dst: Path, expected: dict[str, Any], dtype: torch.dtype | None) -> None:
+    """The written folder loaded by vidfusion gives the source's weights bit for bit and its configs, or the
+    conversion fails (and DST is not created): catches a layout the loader cannot read, a tensor renamed, dropped
+    or garbled, a config value (heads, schedule, tokenizer) lost on the way."""
     try:
-        again = _fingerprints(TextToVideoPipeline.from_pretrained(folder), dtype)
-    except Exception as exc:
-        raise ConversionError(f"the converted folder does not load back ({exc}); nothing was written to '{dst}'"
-                              ) from exc
+        again = _fingerprint(TextToVideoPipeline.from_pretrained(folder, dtype=dtype), dtype)
+    except (ValueError, OSError, KeyError) as exc:  # out of memory and other failures propagate as they are
+        raise ConvertedFolderError(f"the converted folder does not load back ({exc}); nothing was written to "
+                                   f"'{dst}'") from exc
     for name in COMPONENTS:
         differ = sorted(k for k in expected[name].keys() | again[name].keys()
                         if expected[name].get(k) != again[name].get(k))
         if differ:
-            raise ConversionError(f"the converted {name} loads back with other weights ({', '.join(differ[:5])}"
-                                  f"{' ...' if len(differ) > 5 else ''}); nothing was written to '{dst}'")
+            raise ConvertedFolderError(f"the converted {name} loads back with other weights ({', '.join(differ[:5])}"
+                                       f"{' ...' if len(differ) > 5 else ''}); nothing was written to '{dst}'")
+    for name, value in expected["configs"].items():
+        if again["configs"][name] != value:
+            raise ConvertedFolderError(f"the converted {name} loads back with another configuration "
+                                       f"({again['configs'][name]} instead of {value}); nothing was written to "
+                                       f"'{dst}'")
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -124,9 +151,12 @@ def _write_diffusers(pipe, folder: Path, dtype: torch.dtype | None) -> None:
         (folder / name / "config.json").write_text(json.dumps(config_json(config, cls), indent=2))
         save_file(_cast(model.state_dict(), dtype), folder / name / "diffusion_pytorch_model.safetensors")
     (folder / "text_encoder").mkdir()  # as transformers' save_pretrained lays it out, without its progress bars
-    pipe.text_encoder.config.to_json_file(folder / "text_encoder" / "config.json")
-    save_file(_cast(pipe.text_encoder.state_dict(), dtype), folder / "text_encoder" / "model.safetensors",
-              metadata={"format": "pt"})
+    text_state = _cast(pipe.text_encoder.state_dict(), dtype)
+    config = pipe.text_encoder.config.to_dict()
+    stored = str(next(iter(text_state.values())).dtype).removeprefix("torch.")  # the precision written
+    config.update({"architectures": ["CLIPTextModel"], "dtype" if "dtype" in config else "torch_dtype": stored})
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file(text_state, folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(pipe.scheduler.config), indent=2))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -16,7 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from ..sampling.names import SAMPLER_NAMES
 from .contract import Health, Job, JobList, LoraList, install_handlers, responses
-from .guard import RequestGuard, allowed_hosts, origin_of
+from .guard import RequestGuard, allowed_hosts, bearer_matches, origin_of
 from .jobs import FINISHED, STATUSES, JobStore
 from .params import ServeSettings, VideoRequest, limited, submit_job, video_params
 from .ui import render_ui
@@ -27,10 +26,7 @@ def _token_check(settings: ServeSettings):
     """The /v1 dependency: a bearer token when the server has one (compared in constant time)."""
 
     def require_token(authorization: str | None = Header(default=None)) -> None:
-        if settings.token is None:
-            return
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+        if not bearer_matches(authorization, settings.token):
             raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -196,7 +192,8 @@ def create_app(store: JobStore, workers: Sequence[Any], settings: ServeSettings)
     app.include_router(_jobs_api(store, settings))
     install_handlers(app)
     app.add_middleware(RequestGuard, hosts=allowed_hosts(settings.host), upload_limit=upload_body_limit(settings),
-                       origins=frozenset(origin_of(o) for o in settings.allowed_origins))
+                       origins=frozenset(origin_of(o) for o in settings.allowed_origins),
+                       upload_slots=settings.max_concurrent_uploads, token=settings.token)
     token_ok = _token_check(settings)
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "a worker died"},

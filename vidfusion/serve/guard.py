@@ -1,10 +1,13 @@
 """What every request passes before any route sees it (an ASGI middleware): the `Host` it names (a DNS-rebound page
 names its own host, not this server's), the `Origin` of calls to /v1 (another site's page may not drive a local
-server: a multipart POST is a CORS "simple request", sent without a preflight) and the size of its body (announced
-sizes answered 413 before a byte is read; bodies without a length cut off at the cap while they arrive)."""
+server: a multipart POST is a CORS "simple request", sent without a preflight), the size of its body (announced
+sizes answered 413 before a byte is read; bodies without a length cut off at the cap while they arrive) and, for
+uploads, a free upload slot (429 before the body is received: the multipart parser holds parts in memory)."""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import ipaddress
 import json
 import re
@@ -47,16 +50,30 @@ def allowed_hosts(bind_host: str) -> frozenset[str] | None:
     return LOOPBACK_NAMES | {host_name(bind_host)}
 
 
+UPLOAD_PATH = "/v1/videos/upload"
+
+
+def bearer_matches(authorization: str | None, token: str | None) -> bool:
+    """`Authorization: Bearer <token>` names this server's token (compared in constant time); True without one."""
+    if token is None:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 class RequestGuard:
     """The middleware: 400 for a Host this server is not, 403 for a cross-site /v1 call, 415 for a POST body of
     another type than its route takes, 413 for a body over `upload_limit` bytes on the upload route (over
-    JSON_BODY_LIMIT elsewhere)."""
+    JSON_BODY_LIMIT elsewhere); on the upload route also 401 without the token and 429 when `upload_slots`
+    uploads are being received, both before the body is read."""
 
     def __init__(self, app: ASGIApp, hosts: frozenset[str] | None, upload_limit: int,
-                 origins: frozenset[str] = frozenset()):
+                 origins: frozenset[str] = frozenset(), upload_slots: int = 4, token: str | None = None):
         """origins: other sites' origins whose pages may call /v1 (--allowed-origin; e.g. the public name of a
-        proxy that rewrites `Host` to this server's address), as `origin_of` writes them."""
+        proxy that rewrites `Host` to this server's address), as `origin_of` writes them; upload_slots: uploads
+        received, parsed and read at once (--max-concurrent-uploads); token: the server's bearer token."""
         self.app, self.hosts, self.upload_limit, self.origins = app, hosts, upload_limit, origins
+        self.slots_total, self.uploads, self.token = upload_slots, asyncio.Semaphore(upload_slots), token
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -77,26 +94,54 @@ class RequestGuard:
         if wanted is not None and kind not in wanted:
             return await _refuse(send, 415, f"{path} takes {' or '.join(wanted)}, not "
                                             f"{kind or 'a body without a Content-Type'}")
-        limit = self.upload_limit if path == "/v1/videos/upload" else JSON_BODY_LIMIT
+        upload = path == UPLOAD_PATH and scope.get("method") == "POST"
+        limit = self.upload_limit if upload else JSON_BODY_LIMIT
         length = headers.get("content-length")
         valid = length is not None and re.fullmatch(r"[0-9]{1,18}", length) is not None
         if length is not None and (not valid or int(length) > limit):
             return await _refuse(send, 413 if valid else 400,
                                  f"request body of {length} bytes: this server takes at most {limit} here "
                                  "(--max-upload-mb)" if valid else "malformed Content-Length")
-        await self.app(scope, _capped(receive, limit), send)
+        if not upload:
+            return await self.app(scope, _capped(receive, limit), send)
+        if not bearer_matches(headers.get("authorization"), self.token):  # a stranger holds no upload slot
+            return await _refuse(send, 401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                                 [(b"www-authenticate", b"Bearer")])
+        if self.uploads.locked():  # no wait (a waiting request would hold its connection): retry later
+            return await _refuse(send, 429, f"{self.slots_total} uploads are being received now (this server's "
+                                            "--max-concurrent-uploads); retry after Retry-After seconds",
+                                 [(b"retry-after", b"2")])
+        async with self.uploads:  # the multipart parser, the route's reads and checks: this many at once
+            await self.app(scope, _capped(receive, limit), send)
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _origin_key(origin: str) -> str | None:
+    """An origin as browsers serialize it (scheme://host[:port], lower case, IDNA host, no default port), or None
+    when `origin` is not one (userinfo, a path, a bad port, a wildcard, spaces, `null`)."""
     parts = urlsplit(origin.strip())
-    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme in ("http", "https") and parts.netloc else None
+    if parts.scheme not in DEFAULT_PORTS or not parts.netloc or "@" in parts.netloc or parts.query or parts.fragment:
+        return None
+    if parts.path not in ("", "/"):
+        return None
+    try:
+        port, host = parts.port, (parts.hostname or "")
+        host = host.encode("idna").decode("ascii") if host and not host.startswith("[") and ":" not in host else host
+    except (ValueError, UnicodeError):
+        return None
+    if not host or not re.fullmatch(r"[a-z0-9.\-]+|[0-9a-f:.]+", host) or host.startswith(".") or ".." in host:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS[parts.scheme]) else f":{port}")
 
 
 def origin_of(url: str) -> str:
-    """An --allowed-origin value checked and normalized (`https://Videos.example.com/` -> `https://videos.example.com`):
-    scheme and host[:port] only, as browsers send `Origin`."""
+    """An --allowed-origin value checked and normalized (`https://Videos.example.com:443/` ->
+    `https://videos.example.com`): scheme and host[:port] only, as browsers send `Origin`."""
     key = _origin_key(url)
-    if key is None or urlsplit(url.strip()).path not in ("", "/") or "?" in url or "#" in url:
+    if key is None:
         raise ValueError(f"--allowed-origin {url!r} is not an origin: give scheme://host[:port], e.g. "
                          "https://videos.example.com")
     return key
@@ -123,9 +168,10 @@ def _capped(receive: Callable, limit: int) -> Callable:
     return capped
 
 
-async def _refuse(send: Callable, status: int, message: str) -> None:
+async def _refuse(send: Callable, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
+                  ) -> None:
     body = json.dumps({"detail": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *(extra or [])]})
     await send({"type": "http.response.body", "body": body})

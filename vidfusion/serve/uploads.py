@@ -3,7 +3,6 @@ job, so a re-run after a crash uses the same bytes and a refused request leaves 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import warnings
 from pathlib import Path
@@ -97,7 +96,6 @@ def add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings, l
     """POST /v1/videos/upload: a job with input files (multipart); `links`: the created job's operations."""
 
     upload_model = limited(UploadRequest, settings)  # parsed from the `params` text, so no annotation is needed
-    slots = asyncio.Semaphore(settings.max_concurrent_uploads)  # the files of this many requests in memory at once
 
     @api.post("/videos/upload", status_code=202, response_model=Job, operation_id="create_video_with_inputs",
               responses={202: {"description": "Queued", "links": links},
@@ -126,13 +124,8 @@ def add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings, l
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", "params", *e["loc"])} for e in exc.errors()]
                                          ) from None
-        uploads = {"video": video, "image": image, "last_image": last_image}
-        if slots.locked():  # decided before any file is read: a flood of uploads cannot fill the memory
-            raise HTTPException(429, f"{settings.max_concurrent_uploads} uploads are being read now (this server's "
-                                     "--max-concurrent-uploads); retry after Retry-After seconds",
-                                headers={"Retry-After": "1"})
-        async with slots:
-            return await _create(uploads, body, idempotency_key)
+        uploads = {"video": video, "image": image, "last_image": last_image}  # (at most --max-concurrent-uploads
+        return await _create(uploads, body, idempotency_key)  # requests get here at once: guard.RequestGuard)
 
     async def _create(uploads: dict[str, UploadFile | None], body: Any, idempotency_key: str | None
                       ) -> dict[str, Any]:

@@ -86,6 +86,8 @@ def write_random_checkpoint(folder: str | Path, preset: str = "tiny", seed: int 
     if text_cfg["vocab_size"] == CLIP_VOCAB_SIZE:  # CLIP's whole vocabulary: its own BPE tokenizer (OpenCLIP's),
         with tempfile.TemporaryDirectory() as scratch:  # built in a scratch folder (nothing left in the user's cache)
             clip_tokenizer(Path(scratch) / "bpe").save_pretrained(str(root / "tokenizer"))
+            for name in ("vocab.json", "merges.txt"):  # the published layout's files, beside tokenizer.json
+                (root / "tokenizer" / name).write_bytes((Path(scratch) / "bpe" / name).read_bytes())
     else:
         write_clip_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir(exist_ok=True)

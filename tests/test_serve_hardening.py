@@ -217,6 +217,49 @@ def test_host_and_origin_are_checked(server):
         assert c.get("/v1/videos", headers={"Host": "localhost"}).status_code == 200
 
 
+def test_a_stalled_upload_body_is_cut_off_and_frees_its_slot(tmp_path, monkeypatch):
+    """Catches a slow sender holding an upload slot forever (with --max-concurrent-uploads 1, one stalled upload
+    would refuse every other): a body that stops arriving before its end is answered 408 after the idle time, and
+    the next upload is taken."""
+    import asyncio
+
+    from vidfusion.serve import guard
+    from vidfusion.serve.app import create_app
+    from vidfusion.serve.params import ServeSettings
+
+    monkeypatch.setattr(guard, "BODY_IDLE_SECONDS", 0.5)
+    settings = ServeSettings(data_dir=str(tmp_path / "data"), max_concurrent_uploads=1, max_pixels=64 * 64)
+    app = create_app(JobStore(settings.data_dir), [], settings)
+
+    async def post(stall: bool) -> int:
+        body = (b'--x\r\nContent-Disposition: form-data; name="params"\r\n\r\n{"prompt": "a cat", "height": 32, '
+                b'"width": 32}\r\n--x--\r\n')
+        pieces = [body[:20]] if stall else [body]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if pieces:
+                piece = pieces.pop(0)
+                return {"type": "http.request", "body": piece, "more_body": stall}
+            await asyncio.sleep(3600)  # the sender stalls (or, after the body, never disconnects)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/videos/upload", "raw_path": b"/v1/videos/upload",
+                 "query_string": b"", "root_path": "", "scheme": "http", "server": ("127.0.0.1", 7860),
+                 "client": ("127.0.0.1", 5000), "http_version": "1.1",
+                 "headers": [(b"host", b"127.0.0.1:7860"), (b"content-type", b"multipart/form-data; boundary=x")]}
+        await asyncio.wait_for(app(scope, receive, send), 20)
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    async def scenario() -> tuple[int, int]:
+        return await post(stall=True), await post(stall=False)
+
+    stalled, next_one = asyncio.run(scenario())
+    assert stalled == 408 and next_one == 202
+
+
 def test_allowed_origin_lets_a_proxys_page_call_the_api(tmp_path):
     """Catches a server unusable behind a Host-rewriting proxy (its page's Origin is the proxy's public name, the
     Host the server's own address: refused as cross-site) and an allow-list that lets every origin in: only the named

@@ -117,7 +117,7 @@ def _jobs_api(store: JobStore, settings: ServeSettings) -> APIRouter:
     create_video.__annotations__["body"] = limited(VideoRequest, settings)  # this server's limits in the schema
     api.post("/videos", status_code=202, response_model=Job, operation_id="create_video",
              responses={202: {"description": "Queued", "links": JOB_LINKS},
-                        **responses(*COMMON, 409, 413, 415, 422, 429)})(create_video)
+                        **responses(*COMMON, 408, 409, 413, 415, 422, 429)})(create_video)
 
     add_upload_route(api, store, settings, JOB_LINKS)
 

@@ -81,6 +81,7 @@ DESCRIPTIONS = {
     403: "Cross-site request from another origin",
     404: "No such job, or it has no file of that kind yet",
     405: "Method not allowed on this path (`Allow` lists the allowed ones)",
+    408: "The request body stalled (nothing received for 30 s before its end)",
     409: "Conflict: the job has finished, or the Idempotency-Key was used with other parameters",
     413: "Body or file over this server's upload limit (--max-upload-mb)",
     415: "Unsupported Content-Type for this operation",

@@ -152,17 +152,29 @@ def _same_origin(origin: str, host: str) -> bool:
     return parts.scheme in ("http", "https") and parts.netloc.lower() == host.strip().lower()
 
 
+BODY_IDLE_SECONDS = 30.0  # a body that stalls this long between two pieces is cut off (408)
+
+
 def _capped(receive: Callable, limit: int) -> Callable:
-    """`receive` that stops a body (sent without a length, or longer than it said) at `limit` bytes with a 413."""
-    seen = 0
+    """`receive` that stops a body (sent without a length, or longer than it said) at `limit` bytes with a 413, and
+    one that stalls BODY_IDLE_SECONDS before its end with a 408 (a slow sender cannot hold an upload slot forever)."""
+    seen, complete, idle = 0, False, BODY_IDLE_SECONDS
 
     async def capped() -> dict:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, complete
+        if complete:  # after the body: waiting for a disconnect has no deadline
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), idle)
+        except TimeoutError:
+            raise HTTPException(408, f"the request body stalled for {idle:g} s; send it without pauses") from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if seen > limit:
                 raise HTTPException(413, f"request body over this server's {limit} bytes (--max-upload-mb)")
+        else:
+            complete = True
         return message
 
     return capped

@@ -99,7 +99,7 @@ def add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings, l
 
     @api.post("/videos/upload", status_code=202, response_model=Job, operation_id="create_video_with_inputs",
               responses={202: {"description": "Queued", "links": links},
-                         **responses(400, 401, 403, 405, 409, 413, 415, 422, 429)})
+                         **responses(400, 401, 403, 405, 408, 409, 413, 415, 422, 429)})
     async def create_video_with_inputs(
         request: Request,
         params: str = Form(default="{}", max_length=20000, description=(

@@ -15,10 +15,8 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 def headline_seconds(text: str) -> list[tuple[str, float]]:
     """(label, seconds) of the whole-clip routes in the 'Issue 23 headline' table, plus the plain 25-step clip its
     target column quotes ('716 s without')."""
-    section = text[text.index("## Issue 23 headline"):]
-    section = section[:section.index("\n## ", 5)]
     rows = []
-    for line in section.splitlines():
+    for line in section(text, "Issue 23 headline").splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 3 and "to mp4" in cells[0]:
             rows.append((cells[0], float(cells[1].strip("*"))))

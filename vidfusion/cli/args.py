@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="another origin whose pages may call /v1 (repeatable), e.g. the public https://NAME of a "
                           "reverse proxy that rewrites Host to this server's address")
     srv.add_argument("--max-concurrent-uploads", type=int, default=4,
-                     help="upload requests whose files are read into memory at once; more answer 429")
+                     help="upload requests received at once (their bodies in memory); more answer 429")
     srv.add_argument("--max-output-frames", type=int, default=512,
                      help="most frames a video may have after interpolation (num_frames x interpolate_fps / fps)")
     srv.add_argument("--keep-days", type=float, default=None,

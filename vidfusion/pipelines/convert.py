@@ -92,7 +92,7 @@ def _fingerprint(pipe, dtype: torch.dtype | None) -> dict[str, Any]:
         weights = {}
         for key, value in getattr(pipe, name).state_dict().items():
             if "position_ids" not in key:
-                v = _cast({key: value}, dtype)[key]
+                v = _cast_tensor(value, dtype)
                 weights[key] = (tuple(v.shape), str(v.dtype),
                                 hashlib.sha256(v.cpu().view(-1).view(torch.uint8).numpy()).hexdigest())
         out[name] = weights
@@ -132,9 +132,13 @@ def _check_loads_back(folder: Path, dst: Path, expected: dict[str, Any], dtype: 
                                        f"'{dst}'")
 
 
+def _cast_tensor(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A weight in the written precision (floating-point tensors only), contiguous."""
+    return (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous()
+
+
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-            for k, v in state.items()}
+    return {k: _cast_tensor(v, dtype) for k, v in state.items()}
 
 
 def _write_diffusers(pipe, folder: Path, dtype: torch.dtype | None) -> None:

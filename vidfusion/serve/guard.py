@@ -21,8 +21,9 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict]], Callable[[dic
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 JSON_BODY_LIMIT = 256 * 1024  # POST /v1/videos: parameters only
+UPLOAD_PATH = "/v1/videos/upload"
 CONTENT_TYPES = {"/v1/videos": ("application/json",),  # what each POST route's body may be
-                 "/v1/videos/upload": ("multipart/form-data", "application/x-www-form-urlencoded")}
+                 UPLOAD_PATH: ("multipart/form-data", "application/x-www-form-urlencoded")}
 
 
 def is_loopback(host: str) -> bool:
@@ -48,9 +49,6 @@ def allowed_hosts(bind_host: str) -> frozenset[str] | None:
     if bind_host.strip().lower() in WILDCARD_HOSTS:
         return None
     return LOOPBACK_NAMES | {host_name(bind_host)}
-
-
-UPLOAD_PATH = "/v1/videos/upload"
 
 
 def bearer_matches(authorization: str | None, token: str | None) -> bool:

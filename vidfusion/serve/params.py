@@ -30,7 +30,7 @@ class ServeSettings:
     # the same for video-to-video jobs (a video input: guidance 15 for the multi-step samplers)
     video_sampler_defaults: dict[str, tuple[int, float]] = field(default_factory=lambda: {"": (50, 15.0)})
     max_upload_mb: float = 20.0  # the largest picture or video a request may upload
-    max_concurrent_uploads: int = 4  # upload requests whose files are in memory at once (others: 429, Retry-After)
+    max_concurrent_uploads: int = 4  # upload requests received at once (others: 429 before their body is read)
     video_metadata: dict[str, Any] = field(default_factory=dict)  # model, base LoRAs: recorded in every video
     loras: tuple[str, ...] = ()  # adapters a request may name (--lora-dir), loaded once on every worker
     default_sampler: str = "ddim"  # the solver a request without `sampler` runs (t2v-turbo on a turbo server)

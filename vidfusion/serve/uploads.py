@@ -124,13 +124,7 @@ def add_upload_route(api: APIRouter, store: JobStore, settings: ServeSettings, l
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", "params", *e["loc"])} for e in exc.errors()]
                                          ) from None
-        uploads = {"video": video, "image": image, "last_image": last_image}  # (at most --max-concurrent-uploads
-        return await _create(uploads, body, idempotency_key)  # requests get here at once: guard.RequestGuard)
-
-    async def _create(uploads: dict[str, UploadFile | None], body: Any, idempotency_key: str | None
-                      ) -> dict[str, Any]:
-        """Read, check and keep the files (413 / 422 naming the field), then queue the job; nothing is left behind
-        when it is refused."""
+        uploads = {"video": video, "image": image, "last_image": last_image}  # --max-concurrent-uploads: the guard
         held: list[str] = []  # input files this request holds (JobStore.hold_input)
         refused = True
         try:

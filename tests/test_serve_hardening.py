@@ -399,6 +399,7 @@ def test_a_preview_replaced_while_it_is_sent_comes_whole(tmp_path):
     job = c.post("/v1/videos", json={**SMALL, "prompt": "a preview race"}).json()
     path = store.preview_path(job["id"])
     versions = [bytes([n]) * size for n, size in enumerate((70_000, 300, 140_000, 5))]
+    write_bytes(path, versions[-1])  # there before the first GET (else a 404 that is right: no preview yet)
     stop = threading.Event()
 
     def replace() -> None:

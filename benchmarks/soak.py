@@ -164,9 +164,10 @@ def main() -> None:
     threads = [threading.Thread(target=soak.valid, args=(i,)) for i in range(args.clients)]
     threads.append(threading.Thread(target=soak.hostile_loop, args=(hostile_inputs(work),)))
     st = None
+    # (run in work/: schemathesis keeps its case cache in the working directory)
     if args.schemathesis and shutil.which("st"):
         st = subprocess.Popen(f"while true; do st run {url}/openapi.json --checks all -n 5 -H 'Authorization: "
-                              f"Bearer {TOKEN}' --no-color >> {work}/st.log 2>&1; done", shell=True)
+                              f"Bearer {TOKEN}' --no-color >> {work}/st.log 2>&1; done", shell=True, cwd=work)
     for t in threads:
         t.start()
     peak_fds, peak_disk, started = 0, 0, time.time()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -78,13 +79,16 @@ def test_the_schema_states_the_contract(server):
 def _schemathesis(server: Server, examples: int, seed: int) -> subprocess.CompletedProcess:
     st = shutil.which("st")
     assert st, "schemathesis is a test dependency (pip install -e '.[test]')"
-    return subprocess.run([st, "--config-file", str(CONFIG), "run", server.url + "/openapi.json", "--checks", "all",
-                           "-n", str(examples), "--seed", str(seed), "-H", f"Authorization: Bearer {TOKEN}",
-                           # DELETE cancels: the record stays readable as `cancelled` (clients poll for the outcome),
-                           # so "deleted resource still available" is not this API's rule (`--checks all` re-enables
-                           # a check the config file turns off, hence on the command line)
-                           "--exclude-checks", "use_after_free",
-                           "--no-color"], capture_output=True, text=True, timeout=600)
+    # run in a fresh folder: schemathesis keeps a cache of past cases (and replays past crashes) in the working
+    # directory's .schemathesis/, which made a run depend on earlier runs on the machine and wrote into the checkout
+    with tempfile.TemporaryDirectory() as fresh:
+        return subprocess.run([st, "--config-file", str(CONFIG), "run", server.url + "/openapi.json", "--checks", "all",
+                               "-n", str(examples), "--seed", str(seed), "-H", f"Authorization: Bearer {TOKEN}",
+                               # DELETE cancels: the record stays readable as `cancelled` (clients poll for the
+                               # outcome), so "deleted resource still available" is not this API's rule (`--checks
+                               # all` re-enables a check the config file turns off, hence on the command line)
+                               "--exclude-checks", "use_after_free",
+                               "--no-color"], capture_output=True, text=True, timeout=600, cwd=fresh)
 
 
 def test_schemathesis_finds_nothing(server):

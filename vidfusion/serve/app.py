@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from ..sampling.names import SAMPLER_NAMES
 from .contract import Health, Job, JobList, LoraList, install_handlers, responses
-from .guard import RequestGuard, allowed_hosts, bearer_matches, origin_of
+from .guard import TOKEN_REFUSED, RequestGuard, allowed_hosts, bearer_matches, origin_of
 from .jobs import FINISHED, STATUSES, JobStore
 from .params import ServeSettings, VideoRequest, limited, submit_job, video_params
 from .ui import render_ui
@@ -27,7 +27,7 @@ def _token_check(settings: ServeSettings):
 
     def require_token(authorization: str | None = Header(default=None)) -> None:
         if not bearer_matches(authorization, settings.token):
-            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+            raise HTTPException(401, TOKEN_REFUSED,
                                 headers={"WWW-Authenticate": "Bearer"})
 
     return require_token

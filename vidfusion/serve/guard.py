@@ -22,6 +22,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 JSON_BODY_LIMIT = 256 * 1024  # POST /v1/videos: parameters only
 UPLOAD_PATH = "/v1/videos/upload"
+TOKEN_REFUSED = "missing or wrong token: send 'Authorization: Bearer <token>'"  # every 401
 CONTENT_TYPES = {"/v1/videos": ("application/json",),  # what each POST route's body may be
                  UPLOAD_PATH: ("multipart/form-data", "application/x-www-form-urlencoded")}
 
@@ -103,7 +104,7 @@ class RequestGuard:
         if not upload:
             return await self.app(scope, _capped(receive, limit), send)
         if not bearer_matches(headers.get("authorization"), self.token):  # a stranger holds no upload slot
-            return await _refuse(send, 401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+            return await _refuse(send, 401, TOKEN_REFUSED,
                                  [(b"www-authenticate", b"Bearer")])
         if self.uploads.locked():  # no wait (a waiting request would hold its connection): retry later
             return await _refuse(send, 429, f"{self.slots_total} uploads are being received now (this server's "
